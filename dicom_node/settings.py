@@ -1,0 +1,287 @@
+"""The node's one typed, validated settings object.
+
+Settings are read once at start-up from a TOML file (``config/node.toml`` by
+default), then overridden by environment variables ``DICOM_NODE_<SECTION>__<KEY>``
+and finally by explicit overrides (command-line flags).  An invalid value stops
+start-up with a :class:`~pipeline.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydicom.uid import UID, generate_uid
+
+from pipeline.errors import ConfigError
+
+ENV_PREFIX = "DICOM_NODE_"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "node.toml"
+DEFAULT_SERIES_RULES = PROJECT_ROOT / "config" / "series_selection.toml"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value) or len(value) > 16:
+        raise ValueError("an AE title is 1-16 printable characters without backslash")
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSettings(_Section):
+    """The DICOM listener."""
+
+    ae_title: str = "AD_NODE"
+    bind_address: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    max_associations: int = Field(10, ge=1)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _check_allowed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae(v) for v in value)
+
+
+class Destination(_Section):
+    """A DICOM peer (the PACS) that receives our reports."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class StorageSettings(_Section):
+    """Local directories; relative ones are below ``data_dir``."""
+
+    data_dir: Path = Path("var/node")
+    spool_dir: Path = Path("spool")
+    work_dir: Path = Path("work")
+    outbox_dir: Path = Path("outbox")
+
+
+class DatabaseSettings(_Section):
+    """The audit and state database (SQLAlchemy URL)."""
+
+    url: str = ""
+
+
+class CompletenessSettings(_Section):
+    """When a series counts as complete."""
+
+    quiet_period_s: float = Field(10.0, ge=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+class ProcessingSettings(_Section):
+    """The run executor and pipeline options."""
+
+    workers: int = Field(1, ge=1, le=64)
+    series_rules: str = ""
+    note_window_days: int = Field(365, ge=0)
+    registration: Literal["Affine", "AffineFast", "SyN"] = "AffineFast"
+
+
+class ModelSettings(_Section):
+    """Where the model is and where it runs."""
+
+    path: str = ""
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+class DeliverySettings(_Section):
+    """Retries of outgoing C-STOREs."""
+
+    max_attempts: int = Field(8, ge=1)
+    initial_backoff_s: float = Field(2.0, gt=0)
+    max_backoff_s: float = Field(600.0, gt=0)
+
+
+class DeviceSettings(_Section):
+    """The node as it names itself in its reports."""
+
+    name: str = "AD_NODE"
+    manufacturer: str = "Brain-Adapter Node Project"
+    model_name: str = "dicom-node"
+    serial_number: str = "0001"
+    device_uid: str = ""
+
+    @field_validator("device_uid")
+    @classmethod
+    def _check_uid(cls, value: str) -> str:
+        if value and not UID(value).is_valid:
+            raise ValueError("not a valid DICOM UID")
+        return value
+
+
+class Settings(_Section):
+    """All settings of the node, validated."""
+
+    network: NetworkSettings = NetworkSettings()
+    destinations: tuple[Destination, ...] = ()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    completeness: CompletenessSettings = CompletenessSettings()
+    processing: ProcessingSettings = ProcessingSettings()
+    model: ModelSettings = ModelSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    device: DeviceSettings = DeviceSettings()
+
+    # ----- derived values -------------------------------------------------
+    def _under_data(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.data_dir / path
+
+    @property
+    def data_dir(self) -> Path:
+        """Absolute data directory."""
+        return self.storage.data_dir.resolve()
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where received instances are written."""
+        return self._under_data(self.storage.spool_dir)
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space of runs."""
+        return self._under_data(self.storage.work_dir)
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Objects written by runs, waiting for (or kept after) delivery."""
+        return self._under_data(self.storage.outbox_dir)
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL; default a SQLite file under the data directory."""
+        return self.database.url or f"sqlite:///{self.data_dir / 'node.sqlite3'}"
+
+    @property
+    def model_path(self) -> Path:
+        """The model directory."""
+        return Path(self.model.path) if self.model.path else self.data_dir / "models" / "demo"
+
+    @property
+    def series_rules_path(self) -> Path:
+        """The series-selection rules file."""
+        return Path(self.processing.series_rules) if self.processing.series_rules else DEFAULT_SERIES_RULES
+
+    @property
+    def device_uid(self) -> str:
+        """The node's Device UID, stable for a given serial number."""
+        if self.device.device_uid:
+            return self.device.device_uid
+        return str(generate_uid(prefix=None, entropy_srcs=["dicom-node device", self.device.serial_number]))
+
+    def destination(self, name: str) -> Destination:
+        """Return the destination called *name*."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none"
+        raise ConfigError(f"unknown destination {name!r} (configured: {known})")
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"setting {'.'.join(path)}: {key} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _env_value(raw: str) -> Any:
+    """Parse an environment value: JSON when it parses, else a plain string.
+
+    Lists may also be given comma-separated.
+    """
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _coerce_lists(tree: dict[str, Any]) -> None:
+    network = tree.get("network")
+    if isinstance(network, dict):
+        value = network.get("allowed_calling_ae_titles")
+        if isinstance(value, str):
+            network["allowed_calling_ae_titles"] = [v for v in value.split(",") if v.strip()]
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings: file, then environment, then explicit overrides.
+
+    Parameters
+    ----------
+    config_file : Path, optional
+        TOML file; default ``config/node.toml`` (or ``$DICOM_NODE_CONFIG``).
+    environ : Mapping[str, str], optional
+        Environment to read ``DICOM_NODE_*`` overrides from; default ``os.environ``.
+    overrides : Mapping[str, Any], optional
+        Dotted keys (``"network.port"``) to values, e.g. from CLI flags.
+
+    Returns
+    -------
+    Settings
+        The validated settings.
+
+    Raises
+    ------
+    ConfigError
+        When the file cannot be read or a value is invalid; the message names the key.
+    """
+    env = os.environ if environ is None else environ
+    path = config_file or Path(env.get(ENV_PREFIX + "CONFIG", DEFAULT_CONFIG))
+    try:
+        tree: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__")]
+        _set_path(tree, keys, _env_value(raw) if keys != ["database", "url"] else raw)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(tree, dotted.split("."), value)
+    _coerce_lists(tree)
+    for dest in tree.get("destinations", []) or []:
+        if isinstance(dest, dict) and "port" in dest and isinstance(dest["port"], str):
+            dest["port"] = dest["port"].strip()
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid setting {problems}") from exc
