@@ -1,0 +1,518 @@
+"""The Comprehensive 3D SR (TID 1500) carrying the model's result.
+
+Layout of the content tree (DICOM PS3.16)::
+
+    CONTAINER Imaging Measurement Report (TID 1500)
+      HAS CONCEPT MOD  Language of Content Item and Descendants = English
+      HAS OBS CONTEXT  Observer Type = Device, Device Observer UID/Name/... (TID 1002/1004)
+      HAS CONCEPT MOD  Procedure reported = Brain MRI
+      CONTAINS CONTAINER Imaging Measurements
+        CONTAINS CONTAINER Measurement Group (TID 1501)
+          HAS OBS CONTEXT Tracking Identifier / Tracking Unique Identifier
+          HAS CONCEPT MOD Finding Site = Brain
+          HAS CONCEPT MOD Algorithm Name/Version/Parameters (TID 4019)
+          CONTAINS NUM Probability = p (UCUM "1"), HAS CONCEPT MOD Finding = <class>  (x3)
+          CONTAINS CODE Impression = <predicted class>                             (TID 1501 qualitative evaluation)
+          CONTAINS IMAGE Source of Measurement                                    (every analysed instance)
+      CONTAINS CONTAINER Qualitative Evaluations (TID 1500 row 10)
+        CONTAINS TEXT Summary / Impression ("Not analysed: ...") / Clinical Information / Comment ...
+
+The SR goes into the study of the source instances, with their patient and
+study modules, every source instance in the evidence, the node and the
+algorithm in the Contributing Equipment Sequence (IHE AI Results), and
+VerificationFlag UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag
+PRELIMINARY (an unverified machine result is never the definitive report).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+from collections.abc import Sequence
+
+import highdicom as hd
+import pydicom
+from highdicom.sr import RelationshipTypeValues
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from model.types import CLASSES
+from structured_reports.concepts import (
+    CLASS_CONCEPTS,
+    CLASS_LABELS,
+    QUALITATIVE_EVALUATIONS,
+)
+from structured_reports.types import DISCLAIMER, ReportError, ReportInput
+from structured_reports.uids import UidKind, derive_uid
+
+logger = logging.getLogger(__name__)
+
+#: Concept name of the result: DCM 121073 "Impression".  Not DCM 121071
+#: "Finding": TID 1501 reserves that name for the finding type of the group.
+FINDING_NAME = codes.DCM.Impression
+
+#: Concept name of the class a probability belongs to (a modifier of the NUM).
+PROBABILITY_CLASS_NAME = codes.DCM.Finding
+
+#: Text shown when the model is a demonstration model.
+DEMONSTRATION_TEXT = "Demonstration model, not for clinical use."
+
+#: Prefix of the finding when the study was not analysed.
+NOT_ANALYSED_PREFIX = "Not analysed: "
+
+#: Series description of the SR series (at most 64 characters, LO).
+SR_SERIES_DESCRIPTION = "AI result AD/MCI/CN (research use only)"
+
+#: Tolerance on the sum of the class probabilities.
+_PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+def build_sr(
+    sources: Sequence[pydicom.Dataset],
+    report: ReportInput,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int = 1,
+    predecessor: pydicom.Dataset | None = None,
+    content_datetime: datetime.datetime | None = None,
+    tracking_uid: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the Comprehensive 3D SR of one run.
+
+    Parameters
+    ----------
+    sources : Sequence[pydicom.Dataset]
+        The MR instances of the analysed series (headers suffice, e.g. read
+        with ``stop_before_pixels=True``).  For a study that was not analysed:
+        the instances that were received.  Patient and study modules are
+        copied from the first one.
+    report : ReportInput
+        Result, device, model and note information of the run.
+    series_instance_uid : str
+        Series Instance UID of the SR (see :func:`structured_reports.uids.derive_uid`).
+    sop_instance_uid : str
+        SOP Instance UID of the SR.
+    series_number : int
+        Series Number of the SR series (a fixed number per node, not random).
+    instance_number : int, optional
+        Instance Number of the SR, by default 1.
+    predecessor : pydicom.Dataset or None, optional
+        An earlier SR this one supersedes: referenced in the
+        PredecessorDocumentsSequence and named in a text item.
+    content_datetime : datetime.datetime or None, optional
+        Content Date/Time of the report (e.g. when the run finished); the
+        current time if None.  Passing the recorded time makes a replay
+        reproduce the same content.
+    tracking_uid : str or None, optional
+        Tracking Unique Identifier of the measurement group; derived from
+        study, analysed series and model weights if None, so reports on the
+        same series by the same model share it.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The SR dataset, ready for ``dcmwrite`` or C-STORE.
+
+    Raises
+    ------
+    ReportError
+        If ``sources`` is empty or of several studies, ``report`` sets both
+        or neither of ``prediction`` and ``not_analysed``, or the prediction
+        is inconsistent (unknown class, probabilities not summing to 1).
+    """
+    check_report_input(sources, report)
+    first = sources[0]
+    if tracking_uid is None:
+        tracking_uid = derive_uid(
+            str(first.StudyInstanceUID),
+            str(first.SeriesInstanceUID),
+            report.model.weights_sha256,
+            UidKind.TRACKING,
+        )
+    algorithm = _algorithm_identification(report)
+    group = _measurement_group(sources, report, algorithm, tracking_uid)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=report.device.device_uid,
+            name=report.device.name,
+            manufacturer_name=report.device.manufacturer,
+            model_name=report.device.model_name,
+            serial_number=report.device.serial_number,
+        ),
+    )
+    measurement_report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.LN.BrainMRI,
+        imaging_measurements=[group],
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    root = measurement_report[0]
+    root.ContentSequence.append(_text_container(report, predecessor))
+    _make_separate(root)
+
+    when = content_datetime or datetime.datetime.now()
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[with_type2_defaults(first), *sources[1:]],
+        content=root,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=report.device.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        contributing_equipment=_contributing_equipment(report, when),
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=report.device.model_name,
+        software_versions=report.device.software_version,
+        device_serial_number=report.device.serial_number,
+        content_date=when.date(),
+        content_time=when.time(),
+    )
+    logger.info(
+        "built SR %s in series %s for study %s (run %s, %s)",
+        sop_instance_uid,
+        series_instance_uid,
+        first.StudyInstanceUID,
+        report.run_id,
+        "not analysed" if report.not_analysed else "analysed",
+    )
+    return sr
+
+
+#: Type 2 patient/study attributes highdicom reads from the first source; a
+#: scanner may omit them, so they default to empty (as Type 2 allows).
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def with_type2_defaults(source: pydicom.Dataset) -> pydicom.Dataset:
+    """A shallow copy of ``source`` with missing Type 2 patient/study attributes empty.
+
+    Parameters
+    ----------
+    source : pydicom.Dataset
+        The instance whose patient and study modules the report copies.
+
+    Returns
+    -------
+    pydicom.Dataset
+        ``source`` itself when nothing is missing, else a copy with the missing
+        attributes present and empty.
+    """
+    missing = [keyword for keyword in _TYPE2_PATIENT_STUDY if keyword not in source]
+    if not missing:
+        return source
+    patched = pydicom.Dataset()
+    patched.update(source)
+    if hasattr(source, "file_meta"):
+        patched.file_meta = source.file_meta
+    for keyword in missing:
+        setattr(patched, keyword, "")
+    return patched
+
+
+def _make_separate(item: pydicom.Dataset) -> None:
+    """Mark every container SEPARATE: its items are no running narrative.
+
+    highdicom creates CONTINUOUS containers; with SEPARATE, viewers such as
+    dsr2html print each item with its concept name ("Probability = 0.62").
+    """
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _make_separate(child)
+
+
+def check_report_input(sources: Sequence[pydicom.Dataset], report: ReportInput) -> None:
+    """Raise :class:`ReportError` unless sources and report are consistent.
+
+    Parameters
+    ----------
+    sources : Sequence[pydicom.Dataset]
+        The source instances (at least one, all of one study).
+    report : ReportInput
+        Exactly one of ``prediction`` and ``not_analysed`` set; a prediction
+        with the three classes, probabilities in [0, 1] summing to 1, a known
+        predicted class and ``used_note`` matching the listed notes.
+
+    Raises
+    ------
+    ReportError
+        Naming the first inconsistency found.
+    """
+    if len(sources) == 0:
+        raise ReportError("an SR needs at least one source instance")
+    studies = {str(ds.StudyInstanceUID) for ds in sources}
+    if len(studies) != 1:
+        raise ReportError(f"source instances belong to {len(studies)} studies, expected 1")
+    if (report.prediction is None) == (report.not_analysed is None):
+        raise ReportError("exactly one of prediction and not_analysed must be set")
+    prediction = report.prediction
+    if prediction is None:
+        return
+    if set(prediction.probabilities) != set(CLASSES):
+        raise ReportError(
+            f"probabilities are given for {sorted(prediction.probabilities)}, "
+            f"expected {list(CLASSES)}"
+        )
+    values = [float(prediction.probabilities[c]) for c in CLASSES]
+    if any(not (0.0 <= v <= 1.0) or math.isnan(v) for v in values):
+        raise ReportError("class probabilities must lie in [0, 1]")
+    if abs(sum(values) - 1.0) > _PROBABILITY_SUM_TOLERANCE:
+        raise ReportError(f"class probabilities sum to {sum(values):.6f}, not 1")
+    if prediction.predicted_class not in CLASSES:
+        raise ReportError(f"unknown predicted class {prediction.predicted_class!r}")
+    if prediction.used_note != (report.notes.count > 0):
+        raise ReportError(
+            f"prediction.used_note is {prediction.used_note} but "
+            f"{report.notes.count} note(s) are listed"
+        )
+
+
+def _algorithm_identification(report: ReportInput) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 for the model, including preprocessing version and weights hash."""
+    parameters = [f"{key}={value}" for key, value in sorted(report.model.parameters.items())]
+    parameters.append(f"preprocessing_version={report.preprocessing_version}")
+    parameters.append(f"weights_sha256={report.model.weights_sha256}")
+    if report.model.demonstration:
+        parameters.append("demonstration_model=true")
+    return hd.sr.AlgorithmIdentification(
+        name=report.model.name,
+        version=report.model.version,
+        parameters=parameters,
+        manufacturer=report.device.manufacturer,
+    )
+
+
+def _measurement_group(
+    sources: Sequence[pydicom.Dataset],
+    report: ReportInput,
+    algorithm: hd.sr.AlgorithmIdentification,
+    tracking_uid: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group on the analysed series (finding and probabilities)."""
+    first = sources[0]
+    series_number = first.get("SeriesNumber")
+    identifier = f"{report.model.name} AD/MCI/CN classification"
+    if series_number is not None and str(series_number) != "":
+        identifier += f", series {series_number}"
+    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier)
+    finding_sites = [hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)]
+    prediction = report.prediction
+    if prediction is None:
+        # Not analysed: the group names what was looked at; the reason is in
+        # the text container.  No source images: what was received need not
+        # be images (the evidence still lists every instance).
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            algorithm_id=algorithm,
+            finding_sites=finding_sites,
+        )
+    measurements = [_probability(c, float(prediction.probabilities[c])) for c in CLASSES]
+    finding = hd.sr.QualitativeEvaluation(
+        name=FINDING_NAME,
+        value=CLASS_CONCEPTS[prediction.predicted_class],
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        algorithm_id=algorithm,
+        finding_sites=finding_sites,
+        measurements=measurements,
+        qualitative_evaluations=[finding],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources
+        ],
+    )
+
+
+def _probability(label: str, value: float) -> hd.sr.Measurement:
+    """A NUM ``Probability`` (UCUM "1") qualified by the class it belongs to."""
+    measurement = hd.sr.Measurement(
+        name=codes.DCM.Probability,
+        value=value,
+        unit=codes.UCUM.NoUnits,
+    )
+    item = measurement[0]
+    modifier = hd.sr.CodeContentItem(
+        name=PROBABILITY_CLASS_NAME,
+        value=CLASS_CONCEPTS[label],
+        relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
+    )
+    if "ContentSequence" in item:
+        item.ContentSequence.append(modifier)
+    else:
+        item.ContentSequence = hd.sr.ContentSequence([modifier])
+    return measurement
+
+
+def _text(name: hd.sr.CodedConcept | Code, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=name,
+        value=value,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _text_container(
+    report: ReportInput, predecessor: pydicom.Dataset | None
+) -> hd.sr.ContainerContentItem:
+    """The items a radiologist reads, in the TID 1500 Qualitative Evaluations container."""
+    items: list[hd.sr.TextContentItem] = []
+    prediction = report.prediction
+    if prediction is not None:
+        items.append(_text(codes.DCM.Summary, summary_text(report)))
+    elif report.not_analysed is not None:
+        _, reason = report.not_analysed
+        items.append(_text(FINDING_NAME, NOT_ANALYSED_PREFIX + reason))
+    items.append(_text(codes.LN.ClinicalInformation, notes_text(report)))
+    items.append(_text(codes.DCM.Comment, versions_text(report)))
+    if report.model.demonstration:
+        items.append(_text(codes.DCM.Comment, DEMONSTRATION_TEXT))
+    if predecessor is not None:
+        items.append(_text(codes.DCM.Comment, supersedes_text(predecessor)))
+    items.append(_text(codes.DCM.Comment, DISCLAIMER))
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def summary_text(report: ReportInput) -> str:
+    """One sentence with the predicted class and the three probabilities.
+
+    Parameters
+    ----------
+    report : ReportInput
+        A report with a prediction.
+
+    Returns
+    -------
+    str
+        E.g. ``"Most likely class: AD (Alzheimer's disease). Probabilities:
+        AD 0.720, MCI 0.200, CN 0.080."``; empty if there is no prediction.
+    """
+    prediction = report.prediction
+    if prediction is None:
+        return ""
+    probabilities = ", ".join(
+        f"{c} {float(prediction.probabilities[c]):.3f}" for c in CLASSES
+    )
+    return (
+        f"Most likely class: {CLASS_LABELS[prediction.predicted_class]}. "
+        f"Probabilities: {probabilities}."
+    )
+
+
+def notes_text(report: ReportInput) -> str:
+    """Whether clinical notes entered the model: count and dates, never text.
+
+    Parameters
+    ----------
+    report : ReportInput
+        The report input.
+
+    Returns
+    -------
+    str
+        A sentence for the reader.
+    """
+    if report.not_analysed is not None:
+        return "No model was run; no clinical note was used."
+    if report.notes.count == 0:
+        return "No clinical note was used; the result is based on the MR images only."
+    dates = ", ".join(d.isoformat() for d in sorted(report.notes.dates))
+    plural = "s" if report.notes.count > 1 else ""
+    return (
+        f"{report.notes.count} clinical note{plural} used together with the MR images "
+        f"(dated {dates}); note text is not reproduced here."
+    )
+
+
+def versions_text(report: ReportInput) -> str:
+    """Model, weights, preprocessing and node software versions.
+
+    Parameters
+    ----------
+    report : ReportInput
+        The report input.
+
+    Returns
+    -------
+    str
+        A sentence for the reader.
+    """
+    return (
+        f"Model {report.model.name} version {report.model.version} "
+        f"(weights SHA-256 {report.model.weights_sha256[:16]}...); "
+        f"preprocessing version {report.preprocessing_version}; "
+        f"node {report.device.name} software {report.device.software_version}; "
+        f"run {report.run_id}."
+    )
+
+
+def supersedes_text(predecessor: pydicom.Dataset) -> str:
+    """Sentence naming the earlier SR this one replaces.
+
+    Parameters
+    ----------
+    predecessor : pydicom.Dataset
+        The superseded SR.
+
+    Returns
+    -------
+    str
+        A sentence for the reader.
+    """
+    created = str(predecessor.get("ContentDate", "")) or "an unknown date"
+    if len(created) == 8 and created.isdigit():
+        created = f"{created[:4]}-{created[4:6]}-{created[6:]}"
+    return (
+        f"This report supersedes the earlier report of {created} "
+        f"(SOP Instance UID {predecessor.SOPInstanceUID})."
+    )
+
+
+def _contributing_equipment(
+    report: ReportInput, when: datetime.datetime
+) -> list[hd.ContributingEquipment]:
+    """The node and the algorithm as processing equipment (IHE AI Results)."""
+    node = hd.ContributingEquipment(
+        manufacturer=report.device.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=report.device.model_name,
+        software_versions=report.device.software_version,
+        device_serial_number=report.device.serial_number,
+        station_name=report.device.name[:16],
+        contribution_datetime=when,
+        contribution_description="DICOM node that ran the analysis and wrote this report",
+    )
+    algorithm = hd.ContributingEquipment(
+        manufacturer=report.device.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=report.model.name,
+        software_versions=[report.model.version, report.preprocessing_version],
+        contribution_datetime=when,
+        contribution_description=(
+            f"AI algorithm {report.model.name} {report.model.version}"
+            + (" (demonstration model)" if report.model.demonstration else "")
+        )[:64],
+    )
+    return [node, algorithm]
