@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 #: The diagnostic classes, in the order of the classifier's logits.
 CLASSES: tuple[str, ...] = ("AD", "MCI", "CN")

@@ -1,0 +1,490 @@
+"""The Brain-Adapter network: depth adapter, frozen M3D-CLIP towers, projections, heads.
+
+Data flow for one batch::
+
+    volume (B, 1, 256, 256, 256)
+      -> DepthAdapter            (B, 1, 32, 256, 256)   avg-pool by 8 along D + zero-init conv residual
+      -> vision_encoder (frozen) (B, 2049, 768)         token 0 (CLS) kept
+      -> mm_vision_proj          image embedding, L2-normalised
+    note -> tokenizer -> language_encoder (frozen) -> token 0 -> mm_language_proj -> text embedding
+
+Classification, two heads (our design):
+
+* ``image_head`` over the image embedding alone.  It is always present and always
+  trained, so the model has a real image-only answer: this is what a study without
+  a note gets (``used_note=False``).
+* ``fusion_head`` over ``[image, text]`` embeddings, only when ``use_note``; it answers
+  for samples that have a note.
+
+Loss = CE(image_head) + CE(fusion_head, samples with a note)
++ ``contrastive_weight`` * symmetric CLIP loss over the samples with a note, with
+``logit_scale`` multiplied directly (not exponentiated), as M3D does.
+
+Submodule names follow M3D-CLIP (``vision_encoder``, ``language_encoder``,
+``mm_vision_proj``, ``mm_language_proj``, ``logit_scale``) so its checkpoint maps
+one-to-one onto ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from model.text import TextEncoder
+from model.types import CLASSES
+from model.vit import ViT3D, ViTConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Preset(StrEnum):
+    """Which parts are trained (the paper's rows).
+
+    FPM: frozen pretrained model, heads only.  TLP: projections, ``logit_scale``
+    and heads.  BRAIN_ADAPTER: the depth adapter as well.
+    """
+
+    FPM = "FPM"
+    TLP = "TLP"
+    BRAIN_ADAPTER = "BRAIN_ADAPTER"
+
+
+@dataclass(frozen=True)
+class BrainAdapterConfig:
+    """Configuration of a :class:`BrainAdapter`.
+
+    Parameters
+    ----------
+    vit : ViTConfig
+        Vision encoder sizes; its ``img_size`` is the adapter's output size.
+    text_encoder_path : str
+        Local Hugging Face encoder folder (empty when ``use_note`` is False). In a
+        model directory it is stored relative to that directory.
+    embed_dim : int
+        Width of the shared image/text embedding space (768 in M3D-CLIP).
+    preset : Preset
+        Trainable parts.
+    use_note : bool
+        Whether the model has a text tower and a fusion head.
+    contrastive_weight : float
+        Weight of the contrastive term in the loss.
+    classes : tuple of str
+        Class names in logit order.
+    input_size : tuple of int
+        Size (D, H, W) of the preprocessed volume the model receives.
+    adapter_channels : int
+        Width of the adapter's residual convolution branch.
+    max_text_length : int
+        Maximum number of note tokens.
+    text_encoder_name : str
+        Human-readable identity of the text encoder, for reports.
+    """
+
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    text_encoder_path: str = ""
+    embed_dim: int = 768
+    preset: Preset = Preset.BRAIN_ADAPTER
+    use_note: bool = True
+    contrastive_weight: float = 0.5
+    classes: tuple[str, ...] = CLASSES
+    input_size: tuple[int, int, int] = (256, 256, 256)
+    adapter_channels: int = 8
+    max_text_length: int = 512
+    text_encoder_name: str = ""
+
+    def __post_init__(self) -> None:
+        """Validate the configuration.
+
+        Raises
+        ------
+        ValueError
+            When the input size cannot be reduced to the ViT's input size.
+        """
+        object.__setattr__(self, "preset", Preset(self.preset))
+        d_in, h_in, w_in = self.input_size
+        d_out, h_out, w_out = self.vit.img_size
+        if (h_in, w_in) != (h_out, w_out) or d_in % d_out != 0:
+            raise ValueError(
+                f"input_size {self.input_size} must reduce along D only, by an integer factor, "
+                f"to the ViT's img_size {self.vit.img_size}"
+            )
+        if self.use_note and not self.text_encoder_path:
+            raise ValueError("use_note=True needs a text_encoder_path")
+        if tuple(self.classes) != CLASSES:
+            raise ValueError(f"classes must be {CLASSES}")
+
+    @property
+    def depth_factor(self) -> int:
+        """Depth reduction factor of the adapter (8 for 256 -> 32)."""
+        return self.input_size[0] // self.vit.img_size[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dictionary."""
+        return {
+            "vit": self.vit.to_dict(),
+            "text_encoder_path": self.text_encoder_path,
+            "embed_dim": self.embed_dim,
+            "preset": self.preset.value,
+            "use_note": self.use_note,
+            "contrastive_weight": self.contrastive_weight,
+            "classes": list(self.classes),
+            "input_size": list(self.input_size),
+            "adapter_channels": self.adapter_channels,
+            "max_text_length": self.max_text_length,
+            "text_encoder_name": self.text_encoder_name,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BrainAdapterConfig:
+        """Build a configuration from :meth:`to_dict`'s output.
+
+        Parameters
+        ----------
+        data : Mapping
+            The dictionary.
+
+        Returns
+        -------
+        BrainAdapterConfig
+            The configuration.
+        """
+        values = dict(data)
+        vit = ViTConfig.from_dict(values.pop("vit", {}))
+        return cls(
+            vit=vit,
+            preset=Preset(values.pop("preset", Preset.BRAIN_ADAPTER.value)),
+            classes=tuple(values.pop("classes", CLASSES)),
+            input_size=tuple(int(v) for v in values.pop("input_size", (256, 256, 256))),  # type: ignore[arg-type]
+            **values,
+        )
+
+    def with_text_encoder_path(self, path: str) -> BrainAdapterConfig:
+        """Return a copy with another text encoder path."""
+        return replace(self, text_encoder_path=path)
+
+
+class DepthAdapter(nn.Module):
+    """Depth reduction: fixed average pooling plus a zero-initialised residual branch.
+
+    Parameters
+    ----------
+    factor : int
+        Depth reduction factor (pooling kernel and stride along D).
+    channels : int
+        Width of the residual branch.
+
+    Notes
+    -----
+    Branch: Conv3d(1, c, (f, 1, 1), stride (f, 1, 1)) -> GELU -> Conv3d(c, c, 3) -> GELU
+    -> Conv3d(c, 1, 3), the last one zero-initialised, so an untrained adapter is
+    exactly the plain reduction.
+    """
+
+    def __init__(self, factor: int, channels: int) -> None:
+        super().__init__()
+        self.factor = factor
+        self.pool = nn.AvgPool3d(kernel_size=(factor, 1, 1), stride=(factor, 1, 1))
+        self.branch = nn.Sequential(
+            nn.Conv3d(1, channels, kernel_size=(factor, 1, 1), stride=(factor, 1, 1)),
+            nn.GELU(),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(channels, 1, kernel_size=3, padding=1),
+        )
+        last = self.branch[-1]
+        if not isinstance(last, nn.Conv3d):  # pragma: no cover - construction invariant
+            raise TypeError("last adapter layer must be a Conv3d")
+        nn.init.zeros_(last.weight)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reduce the depth.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, 1, D, H, W).
+
+        Returns
+        -------
+        torch.Tensor
+            (B, 1, D / factor, H, W).
+        """
+        return self.pool(x) + self.branch(x)
+
+
+@dataclass
+class BrainAdapterOutput:
+    """Outputs of :meth:`BrainAdapter.forward`.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        (B, n_classes): fusion logits for samples with a note, image logits otherwise.
+    image_logits : torch.Tensor
+        (B, n_classes) from the image-only head.
+    fused_logits : torch.Tensor or None
+        (B, n_classes) from the fusion head, None without notes.
+    image_embeds : torch.Tensor
+        (B, embed_dim), unit norm.
+    text_embeds : torch.Tensor or None
+        (B, embed_dim), unit norm, None without notes.
+    note_mask : torch.Tensor
+        (B,) bool, True where a note was used.
+    """
+
+    logits: torch.Tensor
+    image_logits: torch.Tensor
+    fused_logits: torch.Tensor | None
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor | None
+    note_mask: torch.Tensor
+
+
+class BrainAdapter(nn.Module):
+    """The Brain-Adapter classifier.
+
+    Parameters
+    ----------
+    config : BrainAdapterConfig
+        Configuration.
+    text_encoder : TextEncoder or None
+        Required when ``config.use_note``; ignored otherwise.
+
+    Raises
+    ------
+    ValueError
+        When ``use_note`` is set and no text encoder is given.
+    """
+
+    def __init__(self, config: BrainAdapterConfig, text_encoder: TextEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        n_classes = len(config.classes)
+        self.adapter = DepthAdapter(config.depth_factor, config.adapter_channels)
+        self.vision_encoder = ViT3D(config.vit)
+        self.mm_vision_proj = nn.Linear(config.vit.hidden_size, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.image_head = nn.Linear(config.embed_dim, n_classes)
+        self.text_encoder: TextEncoder | None = None
+        self.language_encoder: nn.Module | None = None
+        self.mm_language_proj: nn.Linear | None = None
+        self.fusion_head: nn.Linear | None = None
+        if config.use_note:
+            if text_encoder is None:
+                raise ValueError("use_note=True needs a text encoder")
+            self.text_encoder = text_encoder
+            self.language_encoder = text_encoder.model
+            self.mm_language_proj = nn.Linear(text_encoder.hidden_size, config.embed_dim)
+            self.fusion_head = nn.Linear(2 * config.embed_dim, n_classes)
+        self.apply_preset()
+
+    # ------------------------------------------------------------------ training set-up
+    def trainable_modules(self) -> list[str]:
+        """Names of the submodules/parameters trained under the configured preset.
+
+        Returns
+        -------
+        list of str
+            Attribute names, e.g. ``["image_head", "fusion_head", "mm_vision_proj", ...]``.
+        """
+        names = ["image_head"]
+        if self.fusion_head is not None:
+            names.append("fusion_head")
+        if self.config.preset in (Preset.TLP, Preset.BRAIN_ADAPTER):
+            names += ["mm_vision_proj", "logit_scale"]
+            if self.mm_language_proj is not None:
+                names.append("mm_language_proj")
+        if self.config.preset is Preset.BRAIN_ADAPTER:
+            names.append("adapter")
+        return names
+
+    def apply_preset(self) -> None:
+        """Freeze everything, then unfreeze the parts the preset trains."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for name in self.trainable_modules():
+            part = getattr(self, name)
+            if isinstance(part, nn.Parameter):
+                part.requires_grad_(True)
+            else:
+                for p in part.parameters():
+                    p.requires_grad_(True)
+
+    def trainable_parameter_count(self) -> int:
+        """Number of parameters with ``requires_grad``."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> BrainAdapter:
+        """Set training mode; the frozen towers always stay in eval mode (no dropout).
+
+        Parameters
+        ----------
+        mode : bool
+            Training mode for the trainable parts.
+
+        Returns
+        -------
+        BrainAdapter
+            ``self``.
+        """
+        super().train(mode)
+        self.vision_encoder.eval()
+        if self.language_encoder is not None:
+            self.language_encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def encode_image(self, volume: torch.Tensor) -> torch.Tensor:
+        """Image embedding (unit norm) of a volume batch.
+
+        Parameters
+        ----------
+        volume : torch.Tensor
+            (B, 1, *input_size), intensities in [0, 1].
+
+        Returns
+        -------
+        torch.Tensor
+            (B, embed_dim).
+        """
+        tokens = self.vision_encoder(self.adapter(volume))
+        return functional.normalize(self.mm_vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text embedding (unit norm) of a tokenised batch.
+
+        Parameters
+        ----------
+        input_ids, attention_mask : torch.Tensor
+            (B, L) from :meth:`tokenize`.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, embed_dim).
+
+        Raises
+        ------
+        RuntimeError
+            When the model has no text tower.
+        """
+        if self.language_encoder is None or self.mm_language_proj is None:
+            raise RuntimeError("this model has no text encoder (use_note=False)")
+        hidden = self.language_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return functional.normalize(self.mm_language_proj(hidden[:, 0]), dim=-1)
+
+    def tokenize(self, notes: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenise notes with the model's tokenizer.
+
+        Parameters
+        ----------
+        notes : list of str
+            One note per sample (empty string for none).
+
+        Returns
+        -------
+        dict
+            ``input_ids`` and ``attention_mask``.
+
+        Raises
+        ------
+        RuntimeError
+            When the model has no text tower.
+        """
+        if self.text_encoder is None:
+            raise RuntimeError("this model has no text encoder (use_note=False)")
+        return self.text_encoder.tokenize(notes, self.config.max_text_length)
+
+    def forward(
+        self,
+        volume: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        note_mask: torch.Tensor | None = None,
+    ) -> BrainAdapterOutput:
+        """Classify a batch.
+
+        Parameters
+        ----------
+        volume : torch.Tensor
+            (B, 1, *input_size).
+        input_ids, attention_mask : torch.Tensor, optional
+            Tokenised notes (B, L); omit for image-only.
+        note_mask : torch.Tensor, optional
+            (B,) bool, which samples have a real note; default: all, when
+            ``input_ids`` is given.
+
+        Returns
+        -------
+        BrainAdapterOutput
+            Logits and embeddings.
+        """
+        batch = volume.shape[0]
+        image_embeds = self.encode_image(volume)
+        image_logits = self.image_head(image_embeds)
+        has_text = input_ids is not None and self.fusion_head is not None
+        if note_mask is None:
+            note_mask = torch.full((batch,), has_text, dtype=torch.bool, device=volume.device)
+        note_mask = note_mask.to(device=volume.device, dtype=torch.bool) & has_text
+        if not has_text or input_ids is None or self.fusion_head is None:
+            return BrainAdapterOutput(image_logits, image_logits, None, image_embeds, None, note_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_embeds = self.encode_text(input_ids, attention_mask)
+        fused_logits = self.fusion_head(torch.cat([image_embeds, text_embeds], dim=-1))
+        logits = torch.where(note_mask[:, None], fused_logits, image_logits)
+        return BrainAdapterOutput(logits, image_logits, fused_logits, image_embeds, text_embeds, note_mask)
+
+    # ------------------------------------------------------------------ loss
+    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Symmetric CLIP loss, ``logit_scale`` multiplied directly as in M3D.
+
+        Parameters
+        ----------
+        image_embeds, text_embeds : torch.Tensor
+            (N, embed_dim) unit-norm, paired by row.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss.
+        """
+        logits = self.logit_scale * image_embeds @ text_embeds.t()
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return (functional.cross_entropy(logits, target) + functional.cross_entropy(logits.t(), target)) / 2
+
+    def loss(self, output: BrainAdapterOutput, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss: CE (image head) + CE (fusion head) + w * contrastive.
+
+        Parameters
+        ----------
+        output : BrainAdapterOutput
+            From :meth:`forward`.
+        labels : torch.Tensor
+            (B,) class indices in :data:`model.types.CLASSES` order.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss.  The fusion and contrastive terms cover the samples with a
+            note only (the contrastive one needs at least two).
+        """
+        loss = functional.cross_entropy(output.image_logits, labels)
+        mask = output.note_mask
+        if output.fused_logits is not None and output.text_embeds is not None and bool(mask.any()):
+            loss = loss + functional.cross_entropy(output.fused_logits[mask], labels[mask])
+            if int(mask.sum()) >= 2 and self.config.contrastive_weight > 0:
+                loss = loss + self.config.contrastive_weight * self.contrastive_loss(
+                    output.image_embeds[mask], output.text_embeds[mask]
+                )
+        return loss
