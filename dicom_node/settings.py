@@ -99,7 +99,7 @@ class ProcessingSettings(_Section):
     workers: int = Field(1, ge=1, le=64)
     series_rules: str = ""
     note_window_days: int = Field(365, ge=0)
-    registration: Literal["Affine", "AffineFast", "SyN"] = "AffineFast"
+    registration: Literal["Affine", "AffineFast", "SyN"] = "Affine"
 
 
 class ModelSettings(_Section):

@@ -1,0 +1,56 @@
+# Quick start on a fresh Debian 12 machine (root, Python 3.11):
+#   make demo   - the node end to end on embedded defaults
+#   make test   - the whole test suite
+# Both set up what they need (Debian packages, virtualenv) and are safe to run twice.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils
+
+.PHONY: setup system-deps venv demo test lint typecheck bench-ingest bench-preprocess bench-inference clean
+
+setup: system-deps venv
+
+system-deps:
+	@missing=""; \
+	for tool in /usr/bin/storescu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/pdftoppm \
+	            /usr/share/mricron/templates/ch2.nii.gz; do [ -e $$tool ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $(DEB_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES) >/dev/null; \
+	  else \
+	    echo "missing Debian packages; as root run: apt-get install $(DEB_PACKAGES)"; exit 1; \
+	  fi; \
+	fi
+
+venv: $(DEPS)
+
+$(DEPS): requirements.txt setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned to 2.13.0: on this machine kind pip takes the CPU wheel from local disk.
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	$(BIN)/dicom-node demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy dicom_node pipeline model structured_reports
+
+bench-preprocess: setup
+	$(BIN)/python -m benchmarks.bench_preprocess
+
+bench-inference: setup
+	$(BIN)/python -m benchmarks.bench_inference
+
+clean:
+	rm -rf var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,227 @@
+"""``dicom-node``: the node's command line for PACS administrators."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from dicom_node.db.models import ClinicalNote as NoteRow
+from dicom_node.db.models import Delivery, Run
+from dicom_node.ingest import utcnow
+from dicom_node.settings import Settings, load_settings
+from pipeline.errors import NodeError
+
+logger = logging.getLogger(__name__)
+
+#: CLI flag -> dotted settings key.
+OVERRIDES = {
+    "ae_title": "network.ae_title",
+    "bind": "network.bind_address",
+    "port": "network.port",
+    "data_dir": "storage.data_dir",
+    "database_url": "database.url",
+    "model": "model.path",
+    "device": "model.device",
+    "quiet_period": "completeness.quiet_period_s",
+    "workers": "processing.workers",
+}
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML settings file (default config/node.toml)")
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument("--ae-title", help="our AE title")
+    common.add_argument("--bind", help="address to listen on")
+    common.add_argument("--port", type=int, help="port to listen on (0: any free port)")
+    common.add_argument("--data-dir", help="data directory (spool, database, outbox)")
+    common.add_argument("--database-url", help="SQLAlchemy URL of the database")
+    common.add_argument("--model", help="model directory")
+    common.add_argument("--device", help="torch device: cpu, cuda, cuda:N")
+    common.add_argument("--quiet-period", type=float, help="seconds without instances before a series is complete")
+    common.add_argument("--workers", type=int, help="runs processed in parallel")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dicom-node``."""
+    common = _common()
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the DICOM node until SIGTERM")
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", parents=[common], help="bring the schema to the latest revision")
+    runs = sub.add_parser("runs", help="audited runs").add_subparsers(dest="runs_command", required=True)
+    runs_list = runs.add_parser("list", parents=[common], help="list recent runs")
+    runs_list.add_argument("--limit", type=int, default=20)
+    runs_show = runs.add_parser("show", parents=[common], help="show one run in full")
+    runs_show.add_argument("run_id")
+    notes = sub.add_parser("notes", help="clinical notes store").add_subparsers(dest="notes_command", required=True)
+    notes_import = notes.add_parser("import", parents=[common], help="import notes from CSV or JSON lines")
+    notes_import.add_argument("file", type=Path)
+    echo = sub.add_parser("echo", parents=[common], help="C-ECHO a configured destination")
+    echo.add_argument("destination")
+    deliveries = sub.add_parser("deliveries", help="the outbox").add_subparsers(dest="deliveries_command", required=True)
+    deliveries.add_parser("list", parents=[common], help="list deliveries")
+    model = sub.add_parser("model", help="model files").add_subparsers(dest="model_command", required=True)
+    init_demo = model.add_parser("init-demo", parents=[common], help="write the seeded untrained demonstration model")
+    init_demo.add_argument("--out", type=Path, help="target directory (default: the configured model path)")
+    sub.add_parser("demo", parents=[common], help="run the node end to end against a local Orthanc")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the file and environment, with the CLI flags on top."""
+    overrides = {key: getattr(args, flag) for flag, key in OVERRIDES.items() if getattr(args, flag, None) is not None}
+    return load_settings(args.config, overrides=overrides)
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr; pynetdicom is kept at WARNING since its debug output shows datasets."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if hasattr(value, "isoformat"):
+        return str(value.isoformat(timespec="seconds"))
+    return str(value)
+
+
+def cmd_runs_list(settings: Settings, limit: int) -> None:
+    """Print the most recent runs, one line each."""
+    from dicom_node.db.session import open_database
+
+    db = open_database(settings.database_url, migrate=False)
+    with db.sessions() as session:
+        runs = session.scalars(select(Run).order_by(Run.created_at.desc()).limit(limit)).all()
+        print(f"{'run':36}  {'created':19}  {'state':12}  {'class':5}  outcome")
+        for run in runs:
+            print(f"{run.id:36}  {_fmt(run.created_at)[:19]:19}  {run.state:12}  {run.predicted_class or '-':5}  "
+                  f"{run.outcome or '-'}")
+
+
+STAGES = ("created_at", "started_at", "selected_at", "converted_at", "preprocessed_at", "notes_joined_at",
+          "inferred_at", "report_built_at", "finished_at")
+
+
+def run_record(settings: Settings, run_id: str) -> dict[str, Any]:
+    """The audit record of one run as a JSON-friendly dict."""
+    from dicom_node.db.session import open_database
+
+    db = open_database(settings.database_url, migrate=False)
+    with db.sessions() as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise NodeError(f"no run {run_id}")
+        deliveries = session.scalars(select(Delivery).where(Delivery.run_id == run_id)).all()
+        return {
+            "run": run.id,
+            "state": run.state,
+            "outcome": run.outcome,
+            "reason": run.error_reason,
+            "stages": {name: _fmt(getattr(run, name)) for name in STAGES},
+            "stage_seconds": run.stage_seconds,
+            "series_instance_uid": run.series_instance_uid,
+            "series_selection": run.selection,
+            "input_sha256": run.input_sha256,
+            "quality_control": run.qc,
+            "notes_used": run.notes_used,
+            "model": {"name": run.model_name, "version": run.model_version, "weights_sha256": run.model_weights_sha256},
+            "probabilities": {"AD": run.prob_ad, "MCI": run.prob_mci, "CN": run.prob_cn},
+            "predicted_class": run.predicted_class,
+            "used_note": run.used_note,
+            "report_sop_instance_uid": run.report_sop_instance_uid,
+            "deliveries": [
+                {"destination": d.destination, "state": d.state, "attempts": d.attempts,
+                 "last_status": None if d.last_status is None else f"0x{d.last_status:04X}",
+                 "last_error": d.last_error, "sent_at": _fmt(d.sent_at)}
+                for d in deliveries
+            ],
+        }
+
+
+def cmd_notes_import(settings: Settings, path: Path) -> int:
+    """Import clinical notes into the node's database."""
+    from dicom_node.db.session import open_database
+    from pipeline.notes import parse_notes_file
+
+    notes = parse_notes_file(path)
+    db = open_database(settings.database_url)
+    now = utcnow()
+    with db.sessions.begin() as session:
+        for note in notes:
+            session.add(NoteRow(external_id=note.note_id, patient_id=note.patient_id,
+                                issuer_of_patient_id=note.issuer_of_patient_id,
+                                accession_number=note.accession_number, note_date=note.note_date,
+                                note_type=note.note_type, text=note.text, imported_at=now))
+    return len(notes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dicom-node``."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        settings = settings_from_args(args)
+        return _dispatch(args, settings)
+    except NodeError as exc:
+        print(f"dicom-node: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "serve":
+        from dicom_node.app import Node
+
+        Node(settings).serve_forever()
+    elif args.command == "db":
+        from dicom_node.db.session import upgrade
+
+        upgrade(settings.database_url)
+        print("database schema is at the latest revision")
+    elif args.command == "runs" and args.runs_command == "list":
+        cmd_runs_list(settings, args.limit)
+    elif args.command == "runs":
+        print(json.dumps(run_record(settings, args.run_id), indent=2))
+    elif args.command == "notes":
+        print(f"imported {cmd_notes_import(settings, args.file)} note(s)")
+    elif args.command == "echo":
+        from dicom_node.sender import echo
+
+        result = echo(settings.destination(args.destination), settings)
+        print(f"C-ECHO {args.destination}: " + (f"status 0x{result.status:04X}" if result.status is not None
+                                                else f"failed ({result.error})"))
+        return 0 if result.status == 0 else 1
+    elif args.command == "deliveries":
+        from dicom_node.db.session import open_database
+
+        db = open_database(settings.database_url, migrate=False)
+        with db.sessions() as session:
+            for d in session.scalars(select(Delivery).order_by(Delivery.created_at.desc())).all():
+                status = "-" if d.last_status is None else f"0x{d.last_status:04X}"
+                print(f"{d.id:6}  {d.run_id}  {d.destination:12}  {d.state:8}  attempts={d.attempts}  status={status}")
+    elif args.command == "model":
+        from model.inference import init_demo_model
+
+        out = init_demo_model(args.out or settings.model_path)
+        print(f"demonstration model written to {out}")
+    elif args.command == "demo":
+        from dicom_node.demo import run_demo
+
+        return run_demo(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

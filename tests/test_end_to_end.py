@@ -1,0 +1,148 @@
+"""The whole node: storescu → node (SQLite, spool, model) → SR in Orthanc, validated by dciodvfy."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_node.app import Node
+from dicom_node.cli import STAGES, run_record
+from dicom_node.db.models import Run, RunState, Study
+from dicom_node.ingest import utcnow
+from dicom_node.localpacs import LocalOrthanc, wait_for
+from dicom_node.settings import Settings
+from model.inference import init_demo_model
+from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
+from tests.conftest import make_settings, require_tool
+
+PATIENT = StudyHeader(
+    patient_name="Endtoend^Testpatient", patient_id="E2E-PID-4711", patient_birth_date="19440101",
+    patient_sex="M", study_instance_uid="1.2.826.0.1.3680043.10.1389.99.1", study_date="20261101",
+    study_time="090000", accession_number="E2E-ACC-1",
+)
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return init_demo_model(tmp_path_factory.mktemp("model") / "demo")
+
+
+@pytest.fixture(scope="module")
+def t1_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sagittal 1 mm MPRAGE of Colin27 plus a localizer."""
+    root = tmp_path_factory.mktemp("study")
+    volume, affine = load_reference_brain("colin27")
+    write_mr_series(volume, affine, root / "t1", study=PATIENT, series_number=3, orientation="sagittal")
+    write_mr_series(volume, affine, root / "loc", study=PATIENT, series_number=1, kind="localizer")
+    return root
+
+
+def node_settings(tmp_path: Path, pacs: LocalOrthanc, model: Path) -> Settings:
+    return make_settings(tmp_path, **{
+        "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
+        "model.path": str(model),
+        "network.allowed_calling_ae_titles": ["SCANNER"],
+    })
+
+
+@pytest.fixture
+def node(tmp_path: Path, orthanc: LocalOrthanc, demo_model: Path) -> Iterator[Node]:
+    running = Node(node_settings(tmp_path, orthanc, demo_model))
+    running.start()
+    yield running
+    running.stop()
+
+
+def send(node: Node, directory: Path) -> None:
+    result = subprocess.run(
+        [require_tool("storescu"), "-aet", "SCANNER", "-aec", node.settings.network.ae_title, "+sd", "+r",
+         "127.0.0.1", str(node.server.port), str(directory)], capture_output=True, text=True, timeout=120,
+        check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def received_sr(pacs: LocalOrthanc, tmp_path: Path, timeout_s: float = 240) -> Path:
+    found = wait_for(lambda: pacs.find_instances(Modality="SR"), timeout_s, "an SR in Orthanc", 0.5)
+    assert len(found) == 1
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(pacs.get_bytes(f"/instances/{found[0]['ID']}/file"))
+    return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+def finished_run(node: Node) -> Run:
+    def done() -> Run | None:
+        with node.db.sessions() as session:
+            return session.scalars(select(Run).where(Run.finished_at.is_not(None))).first()
+    return wait_for(done, 60, "the run to be recorded as finished")
+
+
+def test_t1_series_in_structured_report_out(node: Node, orthanc: LocalOrthanc, t1_study: Path,
+                                            tmp_path: Path) -> None:
+    send(node, t1_study)
+    sr_path = received_sr(orthanc, tmp_path)
+    sr = dcmread(sr_path)
+    assert sr.Modality == "SR"
+    assert sr.StudyInstanceUID == PATIENT.study_instance_uid and sr.PatientID == PATIENT.patient_id
+    assert dciodvfy_errors(sr_path) == []
+    dump = subprocess.run([require_tool("dsrdump"), "+Pl", str(sr_path)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "Probability" in dump and "Demonstration model, not for clinical use" in dump
+
+    run = finished_run(node)
+    assert run.state == RunState.SUCCEEDED.value
+    record = run_record(node.settings, run.id)
+    assert all(record["stages"][stage] != "-" for stage in STAGES), record["stages"]
+    assert {"converted", "preprocessed", "inferred", "report_built"} <= set(record["stage_seconds"])
+    assert abs(sum(record["probabilities"].values()) - 1) < 1e-6
+    assert record["predicted_class"] in dump
+    assert record["deliveries"] == [{"destination": "pacs", "state": "sent", "attempts": 1, "last_status": "0x0000",
+                                     "last_error": None, "sent_at": record["deliveries"][0]["sent_at"]}]
+    chosen = [d for d in record["series_selection"] if d["accepted"]]
+    assert [d["description"] for d in chosen] == ["t1_mprage_sag_p2_iso"]
+
+
+def test_study_without_t1_gets_a_not_analysed_report(node: Node, orthanc: LocalOrthanc, t1_study: Path,
+                                                     tmp_path: Path) -> None:
+    send(node, t1_study / "loc")
+    sr_path = received_sr(orthanc, tmp_path, 60)
+    assert dciodvfy_errors(sr_path) == []
+    dump = subprocess.run([require_tool("dsrdump"), "+Pl", str(sr_path)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "Not analysed" in dump and "no suitable 3D T1 series" in dump
+    run = finished_run(node)
+    assert run.state == RunState.NOT_ANALYSED.value and run.outcome == "no_suitable_series"
+
+
+def test_restart_resumes_an_unfinished_run(tmp_path: Path, orthanc: LocalOrthanc, demo_model: Path,
+                                           t1_study: Path) -> None:
+    settings = node_settings(tmp_path, orthanc, demo_model)
+    first = Node(settings)
+    first.server.start()  # listener only: the run must not start before the "crash"
+    send(first, t1_study / "loc")
+    first.server.stop()
+    with first.db.sessions.begin() as session:  # what a crash mid-run leaves behind
+        study = session.scalars(select(Study)).one()
+        study.needs_run = False
+        session.add(Run(id=str(uuid.uuid4()), study_id=study.id, state=RunState.RUNNING.value,
+                        created_at=utcnow(), started_at=utcnow()))
+    first.db.engine.dispose()
+
+    second = Node(settings)
+    second.start()
+    try:
+        received_sr(orthanc, tmp_path, 60)
+        run = finished_run(second)
+        assert run.state == RunState.NOT_ANALYSED.value and run.attempts == 1
+    finally:
+        second.stop()
