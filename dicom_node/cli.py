@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
@@ -19,6 +19,18 @@ from dicom_node.settings import Settings, load_settings
 from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)
+
+
+class CommandGroup(Protocol):
+    """A module adding sub-commands: ``add_commands`` and ``dispatch`` (None: not mine)."""
+
+    def add_commands(self, sub: Any, common: argparse.ArgumentParser) -> None: ...
+
+    def dispatch(self, args: argparse.Namespace, settings: Settings) -> int | None: ...
+
+
+#: Modules that add sub-commands (model training/evaluation, workers, ...).
+EXTENSIONS: tuple[CommandGroup, ...] = ()
 
 #: CLI flag -> dotted settings key.
 OVERRIDES = {
@@ -74,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     init_demo = model.add_parser("init-demo", parents=[common], help="write the seeded untrained demonstration model")
     init_demo.add_argument("--out", type=Path, help="target directory (default: the configured model path)")
     sub.add_parser("demo", parents=[common], help="run the node end to end against a local Orthanc")
+    for extension in EXTENSIONS:
+        extension.add_commands(sub, common)
     return parser
 
 
@@ -181,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    for extension in EXTENSIONS:
+        status = extension.dispatch(args, settings)
+        if status is not None:
+            return status
     if args.command == "serve":
         from dicom_node.app import Node
 

@@ -40,8 +40,33 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TLSSettings(_Section):
+    """DICOM TLS (PS3.15 Annex B) for the listener and outgoing associations."""
+
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_certificate: bool = False
+    minimum_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+
+class Profile(_Section):
+    """An AE title of the node bound to its own destinations and model."""
+
+    ae_title: str
+    destinations: tuple[str, ...] = ()
+    model_path: str = ""
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
 class NetworkSettings(_Section):
-    """The DICOM listener."""
+    """The DICOM listener.
+
+    ``allowed_calling_ae_titles`` entries are ``"AE"`` or ``"AE@host"`` (pinned to
+    a peer address); ``"*"`` accepts any caller (insecure).
+    """
 
     ae_title: str = "AD_NODE"
     bind_address: str = "127.0.0.1"
@@ -51,13 +76,20 @@ class NetworkSettings(_Section):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
+    tcp_nodelay: bool = True
+    tls: TLSSettings = TLSSettings()
+    profiles: tuple[Profile, ...] = ()
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
     @field_validator("allowed_calling_ae_titles")
     @classmethod
     def _check_allowed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(_check_ae(v) for v in value)
+        checked = []
+        for entry in value:
+            ae, _, host = entry.partition("@")
+            checked.append(_check_ae(ae) + (f"@{host.strip()}" if host.strip() else ""))
+        return tuple(checked)
 
 
 class Destination(_Section):
@@ -67,6 +99,8 @@ class Destination(_Section):
     ae_title: str
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    objects: tuple[Literal["sr", "pdf"], ...] = ("sr", "pdf")
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -78,6 +112,11 @@ class StorageSettings(_Section):
     spool_dir: Path = Path("spool")
     work_dir: Path = Path("work")
     outbox_dir: Path = Path("outbox")
+    quarantine_dir: Path = Path("quarantine")
+    fsync: bool = True
+    free_space_reserve_mb: int = Field(1024, ge=0)
+    duplicate_policy: Literal["ignore_identical", "replace", "reject"] = "ignore_identical"
+    accept_lossy: bool = True
 
 
 class DatabaseSettings(_Section):
@@ -91,6 +130,7 @@ class CompletenessSettings(_Section):
 
     quiet_period_s: float = Field(10.0, ge=0)
     poll_interval_s: float = Field(0.5, gt=0)
+    incomplete_limit_s: float = Field(600.0, gt=0)
 
 
 class ProcessingSettings(_Section):
@@ -100,6 +140,8 @@ class ProcessingSettings(_Section):
     series_rules: str = ""
     note_window_days: int = Field(365, ge=0)
     registration: Literal["Affine", "AffineFast", "SyN"] = "Affine"
+    executor: Literal["local", "celery"] = "local"
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 class ModelSettings(_Section):
@@ -170,6 +212,11 @@ class Settings(_Section):
     def outbox_dir(self) -> Path:
         """Objects written by runs, waiting for (or kept after) delivery."""
         return self._under_data(self.storage.outbox_dir)
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Instances of aborted associations, kept but not processed."""
+        return self._under_data(self.storage.quarantine_dir)
 
     @property
     def database_url(self) -> str:

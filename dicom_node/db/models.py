@@ -70,6 +70,7 @@ class Study(Base):
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     needs_run: Mapped[bool] = mapped_column(default=False)
+    called_ae_title: Mapped[str | None] = mapped_column(String(16))
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -90,9 +91,29 @@ class Series(Base):
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expected_count: Mapped[int | None] = mapped_column(Integer)
+    completeness: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class AssociationLog(Base):
+    """One association, as the administrators audit it."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    called_ae_title: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    tls: Mapped[bool] = mapped_column(default=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    instances_stored: Mapped[int] = mapped_column(Integer, default=0)
+    instances_refused: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str | None] = mapped_column(String(16))  # released | aborted | rejected
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Instance(Base):
@@ -111,6 +132,9 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"), index=True)
+    quarantined: Mapped[bool] = mapped_column(default=False)
+    lossy: Mapped[bool] = mapped_column(default=False)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -165,6 +189,12 @@ class Run(Base):
     error_reason: Mapped[str | None] = mapped_column(Text)
     report_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    supersedes_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"))
+    input_lossy: Mapped[bool | None] = mapped_column()
+    validation_messages: Mapped[list[Any] | None] = mapped_column(JSON)
+    pdf_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="run")
 
@@ -188,6 +218,9 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    object_kind: Mapped[str] = mapped_column(String(8), default="sr")
+    failure_class: Mapped[str | None] = mapped_column(String(32))
+    history: Mapped[list[Any] | None] = mapped_column(JSON)
 
     run: Mapped[Run] = relationship(back_populates="deliveries")
 
