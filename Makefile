@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils
 
-.PHONY: setup system-deps venv demo test lint typecheck bench-ingest bench-preprocess bench-inference clean
+.PHONY: setup system-deps venv demo test lint bench-ingest bench-scaleout bench-preprocess bench-inference clean
 
 setup: system-deps venv
 
@@ -45,6 +45,12 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy dicom_node pipeline model structured_reports
+
+bench-ingest: setup
+	$(BIN)/python -m benchmarks.bench_ingest
+
+bench-scaleout: setup
+	$(BIN)/python -m benchmarks.bench_scaleout
 
 bench-preprocess: setup
 	$(BIN)/python -m benchmarks.bench_preprocess
