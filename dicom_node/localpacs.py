@@ -116,22 +116,28 @@ class LocalOrthanc:
                 self._proc.wait()
             self._proc = None
 
+    def _request(self, path: str, body: bytes | None = None, method: str = "GET", timeout: float = 30) -> bytes:
+        # Only ever our own http://127.0.0.1 URL (self.url), never a value from outside.
+        request = urllib.request.Request(self.url + path, data=body, method=method)  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return bytes(response.read())
+
     def get(self, path: str) -> Any:
         """GET a REST resource as JSON."""
-        with urllib.request.urlopen(self.url + path, timeout=10) as response:
-            return json.loads(response.read())
+        return json.loads(self._request(path, timeout=10))
 
     def get_bytes(self, path: str) -> bytes:
         """GET a REST resource as bytes."""
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
-            return bytes(response.read())
+        return self._request(path)
+
+    def delete(self, path: str) -> None:
+        """DELETE a REST resource."""
+        self._request(path, method="DELETE")
 
     def find_instances(self, **query: str) -> list[dict[str, Any]]:
         """Instances matching a DICOM query (``/tools/find``), expanded."""
         body = json.dumps({"Level": "Instance", "Query": query, "Expand": True}).encode()
-        request = urllib.request.Request(self.url + "/tools/find", data=body, method="POST")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return list(json.loads(response.read()))
+        return list(json.loads(self._request("/tools/find", body, "POST", 10)))
 
     def __enter__(self) -> LocalOrthanc:
         self.start()

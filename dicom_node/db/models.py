@@ -7,8 +7,8 @@ because the database is the audited record; they never reach the logs.
 from __future__ import annotations
 
 from datetime import date, datetime
-from enum import Enum
-from typing import Any
+from enum import StrEnum
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, Date, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -28,17 +28,17 @@ class Base(DeclarativeBase):
     """Declarative base with a stable constraint naming convention."""
 
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class SeriesState(str, Enum):
+class SeriesState(StrEnum):
     """Completeness of a received series."""
 
     RECEIVING = "receiving"
     COMPLETE = "complete"
 
 
-class RunState(str, Enum):
+class RunState(StrEnum):
     """Life cycle of a run."""
 
     QUEUED = "queued"
@@ -48,7 +48,7 @@ class RunState(str, Enum):
     FAILED = "failed"
 
 
-class DeliveryState(str, Enum):
+class DeliveryState(StrEnum):
     """Life cycle of one object to one destination."""
 
     PENDING = "pending"
