@@ -8,10 +8,10 @@ about ("not analysed: <reason>") rather than a crash.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """Why a run ended without a result; stored in the audit record."""
 
     NO_SUITABLE_SERIES = "no_suitable_series"
@@ -32,7 +32,7 @@ class InvalidInstanceError(NodeError):
     """A received DICOM instance cannot be accepted (wrong SOP class, corrupt...)."""
 
 
-class NotAnalysed(NodeError):
+class NotAnalysed(NodeError):  # noqa: N818 - an outcome, not a failure of the node
     """The study cannot be analysed; the radiologist gets this reason in the report.
 
     Parameters
