@@ -29,16 +29,9 @@ from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from model.types import CLASSES
 from structured_reports.concepts import CLASS_LABELS
-from structured_reports.sr import (
-    DEMONSTRATION_TEXT,
-    NOT_ANALYSED_PREFIX,
-    check_report_input,
-    notes_text,
-    summary_text,
-    supersedes_text,
-    versions_text,
-)
-from structured_reports.types import DISCLAIMER, ReportInput
+from structured_reports.sr import DEMONSTRATION_TEXT, NOT_ANALYSED_PREFIX, check_report_input
+from structured_reports.texts import notes_text, summary_text, supersedes_text, versions_text
+from structured_reports.types import DISCLAIMER, KeySlice, ReportError, ReportInput
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +44,13 @@ PDF_DOCUMENT_TITLE = "Brain MRI AI result: AD / MCI / CN (research use only)"
 #: At most this many key slices are drawn.
 MAX_KEY_SLICES = 3
 
+#: Caption under key slices that carry an outline.
+_OUTLINE_CAPTION = (
+    "Registered brain (grey) with the outline of the template brain (yellow): "
+    "the outline should follow the brain's edge."
+)
+
+_OUTLINE_COLOUR = "#ffd700"
 _A4_INCHES = (8.27, 11.69)
 _BAR_COLOURS = {"AD": "#b2182b", "MCI": "#ef8a62", "CN": "#4393c3"}
 
@@ -59,7 +59,7 @@ def render_pdf(
     sources: Sequence[Dataset],
     report: ReportInput,
     *,
-    key_slices: Sequence[npt.ArrayLike] | None = None,
+    key_slices: Sequence[KeySlice | npt.ArrayLike] | None = None,
     predecessor: Dataset | None = None,
     content_datetime: datetime.datetime | None = None,
 ) -> bytes:
@@ -72,8 +72,9 @@ def render_pdf(
         study and series on the page.
     report : ReportInput
         The run's result and provenance.
-    key_slices : Sequence of 2-D arrays or None, optional
-        Grey-value slices to show (at most :data:`MAX_KEY_SLICES`).
+    key_slices : Sequence of KeySlice or 2-D arrays, or None, optional
+        Slices to show (at most :data:`MAX_KEY_SLICES`), each with an
+        optional outline drawn over it and a caption.
     predecessor : pydicom.Dataset or None, optional
         An earlier report this one supersedes.
     content_datetime : datetime.datetime or None, optional
@@ -103,7 +104,8 @@ def render_pdf(
 
     prediction = report.prediction
     if prediction is not None:
-        fig.text(0.06, 0.80, summary_text(report), fontsize=11, weight="bold", wrap=True)
+        fig.text(0.06, 0.815, summary_text(report).replace(" Probabilities:", "\nProbabilities:"),
+                 fontsize=11, weight="bold", va="top", linespacing=1.4)
         axes = fig.add_axes((0.34, 0.60, 0.56, 0.16))
         values = [float(prediction.probabilities[c]) for c in CLASSES]
         bars = axes.barh(
@@ -118,19 +120,23 @@ def render_pdf(
         fig.text(0.06, 0.80, NOT_ANALYSED_PREFIX + report.not_analysed[1],
                  fontsize=12, weight="bold", wrap=True)
 
-    slices = list(key_slices or [])[:MAX_KEY_SLICES]
-    for index, image in enumerate(slices):
+    slices = [_as_key_slice(item, index) for index, item in enumerate(list(key_slices or [])[:MAX_KEY_SLICES])]
+    for index, key in enumerate(slices):
         axes = fig.add_axes((0.06 + index * 0.30, 0.33, 0.27, 0.22))
-        axes.imshow(np.asarray(image, dtype=float), cmap="gray", interpolation="nearest")
+        axes.imshow(key.image, cmap="gray", interpolation="nearest")
+        if key.outline is not None and key.outline.any() and not key.outline.all():
+            axes.contour(key.outline.astype(float), levels=[0.5], colors=[_OUTLINE_COLOUR], linewidths=0.8)
         axes.set_axis_off()
-        axes.set_title(f"Key slice {index + 1}", fontsize=8)
+        axes.set_title(key.title, fontsize=8)
+    if any(key.outline is not None for key in slices):
+        fig.text(0.06, 0.312, _OUTLINE_CAPTION, fontsize=7.5, color="#555555")
 
     lines = [notes_text(report), versions_text(report)]
     if report.model.demonstration:
         lines.append(DEMONSTRATION_TEXT)
     if predecessor is not None:
         lines.append(supersedes_text(predecessor))
-    text_top = 0.30 if slices else 0.52
+    text_top = 0.285 if slices else 0.52
     fig.text(0.06, text_top, "Inputs and provenance", fontsize=11, weight="bold")
     fig.text(0.06, text_top - 0.02, "\n\n".join(lines), fontsize=8.5, va="top", wrap=True)
     fig.text(0.06, 0.04, DISCLAIMER, fontsize=8, color="#b2182b", wrap=True)
@@ -148,7 +154,7 @@ def build_pdf(
     sop_instance_uid: str,
     series_number: int,
     instance_number: int = 1,
-    key_slices: Sequence[npt.ArrayLike] | None = None,
+    key_slices: Sequence[KeySlice | npt.ArrayLike] | None = None,
     predecessor: Dataset | None = None,
     content_datetime: datetime.datetime | None = None,
 ) -> hd.SOPClass:
@@ -169,8 +175,8 @@ def build_pdf(
         Series Number of the PDF series (fixed per node).
     instance_number : int, optional
         Instance Number, by default 1.
-    key_slices : Sequence of 2-D arrays or None, optional
-        Grey-value slices to show on the page.
+    key_slices : Sequence of KeySlice or 2-D arrays, or None, optional
+        Slices to show on the page (see :func:`render_pdf`).
     predecessor : pydicom.Dataset or None, optional
         An earlier PDF (or SR) this one supersedes; named on the page.
     content_datetime : datetime.datetime or None, optional
@@ -241,6 +247,17 @@ def build_pdf(
         len(document),
     )
     return ds
+
+
+def _as_key_slice(item: KeySlice | npt.ArrayLike, index: int) -> KeySlice:
+    """A :class:`KeySlice` from a KeySlice or a bare 2-D array."""
+    if isinstance(item, KeySlice):
+        image = np.asarray(item.image, dtype=float)
+        outline = None if item.outline is None else np.asarray(item.outline, dtype=bool)
+        if outline is not None and outline.shape != image.shape:
+            raise ReportError(f"key slice outline {outline.shape} does not match image {image.shape}")
+        return KeySlice(image=image, outline=outline, title=item.title or f"Key slice {index + 1}")
+    return KeySlice(image=np.asarray(item, dtype=float), title=f"Key slice {index + 1}")
 
 
 def _reference(instance: Dataset) -> Dataset:

@@ -13,7 +13,7 @@ Layout of the content tree (DICOM PS3.16)::
           HAS CONCEPT MOD Algorithm Name/Version/Parameters (TID 4019)
           CONTAINS NUM Probability = p (UCUM "1"), HAS CONCEPT MOD Finding = <class>  (x3)
           CONTAINS CODE Impression = <predicted class>                             (TID 1501 qualitative evaluation)
-          CONTAINS IMAGE Source of Measurement                                    (every analysed instance)
+          CONTAINS IMAGE Source of Measurement              (one representative image of the analysed series)
       CONTAINS CONTAINER Qualitative Evaluations (TID 1500 row 10)
         CONTAINS TEXT Summary / Impression ("Not analysed: ...") / Clinical Information / Comment ...
 
@@ -40,8 +40,14 @@ from pydicom.sr.coding import Code
 from model.types import CLASSES
 from structured_reports.concepts import (
     CLASS_CONCEPTS,
-    CLASS_LABELS,
     QUALITATIVE_EVALUATIONS,
+)
+from structured_reports.texts import (
+    analysed_series_text,
+    notes_text,
+    summary_text,
+    supersedes_text,
+    versions_text,
 )
 from structured_reports.types import DISCLAIMER, ReportError, ReportInput
 from structured_reports.uids import UidKind, derive_uid
@@ -63,6 +69,9 @@ NOT_ANALYSED_PREFIX = "Not analysed: "
 
 #: Series description of the SR series (at most 64 characters, LO).
 SR_SERIES_DESCRIPTION = "AI result AD/MCI/CN (research use only)"
+
+#: Decimals of the probabilities in the NUM items (more digits only make the report harder to read).
+PROBABILITY_DECIMALS = 4
 
 #: Tolerance on the sum of the class probabilities.
 _PROBABILITY_SUM_TOLERANCE = 1e-3
@@ -151,7 +160,7 @@ def build_sr(
         title=codes.cid7021.ImagingMeasurementReport,
     )
     root = measurement_report[0]
-    root.ContentSequence.append(_text_container(report, predecessor))
+    root.ContentSequence.append(_text_container(sources, report, predecessor))
     _make_separate(root)
 
     when = content_datetime or datetime.datetime.now()
@@ -336,16 +345,44 @@ def _measurement_group(
         measurements=measurements,
         qualitative_evaluations=[finding],
         source_images=[
-            hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(representative_image(sources))
         ],
     )
+
+
+def _instance_number(ds: pydicom.Dataset) -> int:
+    """Instance Number as an int (0 when absent or empty)."""
+    value = ds.get("InstanceNumber")
+    return int(value) if value is not None and str(value) != "" else 0
+
+
+def representative_image(sources: Sequence[pydicom.Dataset]) -> pydicom.Dataset:
+    """The middle instance of the analysed series, by Instance Number.
+
+    The measurement group names its source by this one IMAGE item: one line
+    per slice (a 3D T1 has ~180) would drown the result in ``dsrdump`` and
+    ``dsr2html``.  Every instance is still in the evidence sequence, and the
+    series is named in a text item.
+
+    Parameters
+    ----------
+    sources : Sequence[pydicom.Dataset]
+        Instances of the analysed series (at least one).
+
+    Returns
+    -------
+    pydicom.Dataset
+        The instance at the middle position.
+    """
+    ordered = sorted(sources, key=_instance_number)
+    return ordered[len(ordered) // 2]
 
 
 def _probability(label: str, value: float) -> hd.sr.Measurement:
     """A NUM ``Probability`` (UCUM "1") qualified by the class it belongs to."""
     measurement = hd.sr.Measurement(
         name=codes.DCM.Probability,
-        value=value,
+        value=round(value, PROBABILITY_DECIMALS),
         unit=codes.UCUM.NoUnits,
     )
     item = measurement[0]
@@ -370,13 +407,14 @@ def _text(name: hd.sr.CodedConcept | Code, value: str) -> hd.sr.TextContentItem:
 
 
 def _text_container(
-    report: ReportInput, predecessor: pydicom.Dataset | None
+    sources: Sequence[pydicom.Dataset], report: ReportInput, predecessor: pydicom.Dataset | None
 ) -> hd.sr.ContainerContentItem:
     """The items a radiologist reads, in the TID 1500 Qualitative Evaluations container."""
     items: list[hd.sr.TextContentItem] = []
     prediction = report.prediction
     if prediction is not None:
         items.append(_text(codes.DCM.Summary, summary_text(report)))
+        items.append(_text(codes.DCM.Comment, analysed_series_text(sources)))
     elif report.not_analysed is not None:
         _, reason = report.not_analysed
         items.append(_text(FINDING_NAME, NOT_ANALYSED_PREFIX + reason))
@@ -393,101 +431,6 @@ def _text_container(
     )
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
-
-
-def summary_text(report: ReportInput) -> str:
-    """One sentence with the predicted class and the three probabilities.
-
-    Parameters
-    ----------
-    report : ReportInput
-        A report with a prediction.
-
-    Returns
-    -------
-    str
-        E.g. ``"Most likely class: AD (Alzheimer's disease). Probabilities:
-        AD 0.720, MCI 0.200, CN 0.080."``; empty if there is no prediction.
-    """
-    prediction = report.prediction
-    if prediction is None:
-        return ""
-    probabilities = ", ".join(
-        f"{c} {float(prediction.probabilities[c]):.3f}" for c in CLASSES
-    )
-    return (
-        f"Most likely class: {CLASS_LABELS[prediction.predicted_class]}. "
-        f"Probabilities: {probabilities}."
-    )
-
-
-def notes_text(report: ReportInput) -> str:
-    """Whether clinical notes entered the model: count and dates, never text.
-
-    Parameters
-    ----------
-    report : ReportInput
-        The report input.
-
-    Returns
-    -------
-    str
-        A sentence for the reader.
-    """
-    if report.not_analysed is not None:
-        return "No model was run; no clinical note was used."
-    if report.notes.count == 0:
-        return "No clinical note was used; the result is based on the MR images only."
-    dates = ", ".join(d.isoformat() for d in sorted(report.notes.dates))
-    plural = "s" if report.notes.count > 1 else ""
-    return (
-        f"{report.notes.count} clinical note{plural} used together with the MR images "
-        f"(dated {dates}); note text is not reproduced here."
-    )
-
-
-def versions_text(report: ReportInput) -> str:
-    """Model, weights, preprocessing and node software versions.
-
-    Parameters
-    ----------
-    report : ReportInput
-        The report input.
-
-    Returns
-    -------
-    str
-        A sentence for the reader.
-    """
-    return (
-        f"Model {report.model.name} version {report.model.version} "
-        f"(weights SHA-256 {report.model.weights_sha256[:16]}...); "
-        f"preprocessing version {report.preprocessing_version}; "
-        f"node {report.device.name} software {report.device.software_version}; "
-        f"run {report.run_id}."
-    )
-
-
-def supersedes_text(predecessor: pydicom.Dataset) -> str:
-    """Sentence naming the earlier SR this one replaces.
-
-    Parameters
-    ----------
-    predecessor : pydicom.Dataset
-        The superseded SR.
-
-    Returns
-    -------
-    str
-        A sentence for the reader.
-    """
-    created = str(predecessor.get("ContentDate", "")) or "an unknown date"
-    if len(created) == 8 and created.isdigit():
-        created = f"{created[:4]}-{created[4:6]}-{created[6:]}"
-    return (
-        f"This report supersedes the earlier report of {created} "
-        f"(SOP Instance UID {predecessor.SOPInstanceUID})."
-    )
 
 
 def _contributing_equipment(

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date
 
+import numpy as np
+from numpy.typing import NDArray
+
 from model.types import ModelInfo, Prediction
 from pipeline.errors import NodeError, Outcome
 
@@ -28,6 +31,26 @@ class DeviceInfo:
     serial_number: str
     device_uid: str
     software_version: str
+
+
+@dataclass(frozen=True)
+class KeySlice:
+    """One image of the PDF page: a slice and, optionally, a contour drawn over it.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        2-D grey values, shown as is (row 0 at the top).
+    outline : numpy.ndarray or None
+        2-D mask of ``image``'s shape whose boundary is drawn (e.g. the
+        template's brain, to show that the registration was sound).
+    title : str
+        Caption above the image.
+    """
+
+    image: NDArray[np.float32]
+    outline: NDArray[np.bool_] | None = None
+    title: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,291 @@
+"""The objects a run writes, driven through ``process_run`` with the analysis stubbed.
+
+A small spooled study (5 header-only MR instances) is recorded in a real SQLite
+database; ``_analyse`` is replaced by a stub returning a prediction or raising
+``NotAnalysed``, so every test exercises the real ``_finish``: SR and PDF built,
+validated with dciodvfy/dsrdump, written to the outbox, deliveries per destination.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from sqlalchemy import select
+
+from dicom_node import processing, reports
+from dicom_node.cli import run_record
+from dicom_node.db.models import Delivery, Instance, Run, RunState, Series, Study
+from dicom_node.db.session import open_database
+from dicom_node.ingest import utcnow
+from dicom_node.processing import RunContext, process_run
+from dicom_node.reports import INVALID_SUFFIX, key_slices
+from model.inference import Predictor
+from model.types import ModelInfo, Prediction
+from pipeline.errors import NotAnalysed, Outcome
+from pipeline.preprocess import PreprocessConfig, default_template_path
+from pipeline.select import load_rules
+from structured_reports.sr import NOT_ANALYSED_PREFIX
+from structured_reports.types import DISCLAIMER, NotesUsed
+from tests.conftest import make_settings, require_tool
+from tests.test_sr_build import make_mr_series
+
+MODEL = ModelInfo(name="Brain-Adapter", version="0.0-demo", weights_sha256="ab" * 32, demonstration=True,
+                  parameters={"preset": "demo"})
+PREDICTION = Prediction(probabilities={"AD": 0.61, "MCI": 0.29, "CN": 0.10}, predicted_class="AD", used_note=False)
+REASONS = {
+    Outcome.NO_SUITABLE_SERIES: "no suitable 3D T1 series (localizer only)",
+    Outcome.INCOMPLETE_SERIES: "series incomplete: 120 of 176 expected instances",
+    Outcome.QC_FAILED: "slices too thick: measured 5 mm, limit 1.5 mm",
+    Outcome.PROCESSING_ERROR: "processing error: conversion failed",
+}
+DESTINATIONS = [
+    {"name": "both", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+    {"name": "sronly", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "objects": ["sr"]},
+    {"name": "pdfonly", "ae_title": "VIEWER", "host": "127.0.0.1", "port": 104, "objects": ["pdf"]},
+]
+
+#: Outbox directories written by this module's tests, scanned by the last test.
+WRITTEN: list[Path] = []
+
+
+class Study5:
+    """A node data directory with one spooled 5-instance study recorded in the database."""
+
+    def __init__(self, root: Path) -> None:
+        self.settings = make_settings(root, destinations=DESTINATIONS, **{
+            "network.profiles": [{"ae_title": "RESEARCH", "destinations": ["pdfonly"]}]})
+        self.db = open_database(self.settings.database_url)
+        self.ctx = RunContext(settings=self.settings, sessions=self.db.sessions,
+                              predictor=cast(Predictor, SimpleNamespace(info=MODEL)),
+                              rules=load_rules(self.settings.series_rules_path), preprocess_config=PreprocessConfig())
+        self.series = make_mr_series()
+        first = self.series[0]
+        self.study_uid, self.series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+        now = utcnow()
+        with self.db.sessions.begin() as session:
+            study = Study(study_instance_uid=self.study_uid, patient_id=str(first.PatientID),
+                          first_received_at=now, last_received_at=now)
+            session.add(study)
+            session.flush()
+            self.study_id = study.id
+            series = Series(series_instance_uid=self.series_uid, study_id=study.id, modality="MR", series_number=3,
+                            state="complete", instance_count=0, first_received_at=now, last_received_at=now)
+            session.add(series)
+            session.flush()
+            self.series_id = series.id
+        for ds in self.series:
+            self.add_instance(ds)
+        WRITTEN.append(self.settings.outbox_dir)
+
+    def add_instance(self, ds: Dataset) -> None:
+        """Spool one instance and record it (as ingest does)."""
+        path = self.settings.spool_dir / self.study_uid / self.series_uid / f"{ds.SOPInstanceUID}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        data = path.read_bytes()
+        with self.db.sessions.begin() as session:
+            session.add(Instance(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                                 series_id=self.series_id, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                                 calling_ae_title="SCANNER", peer_address="127.0.0.1", spool_path=str(path),
+                                 size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), received_at=utcnow()))
+
+    def new_run(self, supersedes: str | None = None) -> str:
+        run_id = str(uuid.uuid4())
+        with self.db.sessions.begin() as session:
+            session.add(Run(id=run_id, study_id=self.study_id, state=RunState.QUEUED.value, created_at=utcnow(),
+                            supersedes_run_id=supersedes))
+        return run_id
+
+    def run(self, analyse: Callable[..., Any], supersedes: str | None = None) -> Run:
+        """Queue and process one run with ``analyse`` standing in for the analysis."""
+        run_id = self.new_run(supersedes)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(processing, "_analyse", analyse)
+            process_run(run_id, self.ctx)
+        with self.db.sessions() as session:
+            run = session.get(Run, run_id)
+            assert run is not None
+            return run
+
+    def deliveries(self, run_id: str) -> list[tuple[str, str]]:
+        with self.db.sessions() as session:
+            rows = session.scalars(select(Delivery).where(Delivery.run_id == run_id)).all()
+            return sorted((d.destination, d.object_kind) for d in rows)
+
+
+def analysed(ctx: RunContext, run_id: str, by_series: dict[str, Any], progress: Any) -> tuple[str, Prediction,
+                                                                                                 NotesUsed]:
+    """Stand-in for a successful analysis of the one series."""
+    return next(iter(by_series)), PREDICTION, NotesUsed()
+
+
+def refused(outcome: Outcome) -> Callable[..., Any]:
+    def analyse(*_: Any) -> tuple[str, Prediction, NotesUsed]:
+        raise NotAnalysed(outcome, REASONS[outcome])
+    return analyse
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Iterator[Study5]:
+    made = Study5(tmp_path)
+    yield made
+    made.db.engine.dispose()
+
+
+def outbox(study: Study5, run: Run, kind: str) -> Path:
+    return study.settings.outbox_dir / run.id / f"{kind}.dcm"
+
+
+def dsrdump(path: Path) -> str:
+    return subprocess.run([require_tool("dsrdump"), "+Pl", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_analysed_run_writes_valid_sr_and_pdf_and_queues_them_per_destination(study: Study5) -> None:
+    run = study.run(analysed)
+
+    assert run.state == RunState.SUCCEEDED.value
+    sr, pdf = pydicom.dcmread(outbox(study, run, "sr")), pydicom.dcmread(outbox(study, run, "pdf"))
+    assert (sr.Modality, pdf.Modality) == ("SR", "DOC")
+    assert sr.StudyInstanceUID == pdf.StudyInstanceUID == study.study_uid
+    assert sr.PatientID == pdf.PatientID == study.series[0].PatientID
+    assert (run.report_sop_instance_uid, run.pdf_sop_instance_uid) == (sr.SOPInstanceUID, pdf.SOPInstanceUID)
+    assert [(m["object"], m["ok"], m["errors"]) for m in run.validation_messages or []] == [
+        ("sr", True, []), ("pdf", True, [])]
+    assert study.deliveries(run.id) == [("both", "pdf"), ("both", "sr"), ("pdfonly", "pdf"), ("sronly", "sr")]
+    record = run_record(study.settings, run.id)
+    assert record["pdf_sop_instance_uid"] == pdf.SOPInstanceUID and record["validation"][0]["ok"] is True
+
+
+def test_source_of_measurement_is_one_line_and_evidence_lists_every_instance(study: Study5) -> None:
+    run = study.run(analysed)
+    path = outbox(study, run, "sr")
+    dump = dsrdump(path)
+    assert dump.count("Source of Measurement") == 1
+    assert 'Analysed series 3 "t1_mprage_sag_p2_iso" (5 images)' in dump
+    evidence = pydicom.dcmread(path).CurrentRequestedProcedureEvidenceSequence[0]
+    referenced = {item.ReferencedSOPInstanceUID for series in evidence.ReferencedSeriesSequence
+                  for item in series.ReferencedSOPSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in study.series}
+
+
+def test_a_study_sent_to_a_profile_ae_goes_to_that_profile_s_destinations(study: Study5) -> None:
+    with study.db.sessions.begin() as session:
+        row = session.get(Study, study.study_id)
+        assert row is not None
+        row.called_ae_title = "RESEARCH"
+    run = study.run(analysed)
+    assert study.deliveries(run.id) == [("pdfonly", "pdf")]
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_each_not_analysed_reason_yields_a_valid_sr_saying_why(study: Study5, outcome: Outcome) -> None:
+    run = study.run(refused(outcome))
+
+    assert run.state == RunState.NOT_ANALYSED.value and run.outcome == outcome.value
+    assert all(m["ok"] for m in run.validation_messages or []), run.validation_messages
+    dump = dsrdump(outbox(study, run, "sr"))
+    assert NOT_ANALYSED_PREFIX + REASONS[outcome] in dump and DISCLAIMER in dump
+    assert "Probability" not in dump
+    assert outbox(study, run, "pdf").is_file()
+
+
+def test_replay_writes_byte_identical_objects_with_the_same_uids(study: Study5) -> None:
+    first, again = study.run(analysed), study.run(analysed)
+
+    assert again.report_sop_instance_uid == first.report_sop_instance_uid
+    assert again.pdf_sop_instance_uid == first.pdf_sop_instance_uid
+    for kind in ("sr", "pdf"):
+        assert outbox(study, again, kind).read_bytes() == outbox(study, first, kind).read_bytes()
+    assert [m["reused"] for m in again.validation_messages or []] == [True, True]
+
+
+def test_refusal_and_result_on_the_same_input_never_share_a_uid(study: Study5) -> None:
+    failed, succeeded = study.run(refused(Outcome.PROCESSING_ERROR)), study.run(analysed)
+    assert failed.report_sop_instance_uid != succeeded.report_sop_instance_uid
+    assert failed.pdf_sop_instance_uid != succeeded.pdf_sop_instance_uid
+
+
+def test_superseding_sr_references_its_predecessor(study: Study5) -> None:
+    earlier = study.run(analysed)
+    late = make_mr_series(6)[5]  # a late instance of the same series changes the input
+    late.StudyInstanceUID, late.SeriesInstanceUID = study.study_uid, study.series_uid
+    study.add_instance(late)
+
+    later = study.run(analysed, supersedes=earlier.id)
+
+    assert later.report_sop_instance_uid != earlier.report_sop_instance_uid
+    sr = pydicom.dcmread(outbox(study, later, "sr"))
+    predecessors = [(series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID, study_item.StudyInstanceUID)
+                    for study_item in sr.PredecessorDocumentsSequence
+                    for series in study_item.ReferencedSeriesSequence]
+    assert predecessors == [(earlier.report_sop_instance_uid, study.study_uid)]
+    assert "supersedes the earlier report of" in dsrdump(outbox(study, later, "sr"))
+    assert all(m["ok"] for m in later.validation_messages or [])
+
+
+def test_an_invalid_object_is_not_queued_and_the_run_shows_why(study: Study5,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real_build_pdf = reports.build_pdf
+
+    def broken_pdf(*args: Any, **kwargs: Any) -> Dataset:
+        ds = real_build_pdf(*args, **kwargs)
+        del ds.MIMETypeOfEncapsulatedDocument  # a Type 1 attribute
+        return cast(Dataset, ds)
+
+    monkeypatch.setattr(reports, "build_pdf", broken_pdf)
+    run = study.run(analysed)
+
+    assert run.state == RunState.FAILED.value
+    assert run.report_sop_instance_uid is not None and run.pdf_sop_instance_uid is None
+    assert study.deliveries(run.id) == [("both", "sr"), ("sronly", "sr")]
+    pdf_check = next(m for m in run.validation_messages or [] if m["object"] == "pdf")
+    assert not pdf_check["ok"] and any("MIMETypeOfEncapsulatedDocument" in e for e in pdf_check["errors"])
+    assert not outbox(study, run, "pdf").exists()
+    assert outbox(study, run, "pdf").with_name("pdf.dcm" + INVALID_SUFFIX).is_file()
+    record = run_record(study.settings, run.id)
+    assert record["state"] == "failed" and "pdf failed DICOM validation" in record["reason"]
+
+
+def test_key_slices_show_the_brain_with_the_template_outline() -> None:
+    image = nibabel.load(str(default_template_path()))
+    assert isinstance(image, nibabel.Nifti1Image)
+    template = np.asarray(image.dataobj, dtype=np.float32)
+    registered = np.ascontiguousarray(template.transpose(2, 1, 0)[:, ::-1, ::-1])  # RAS (x, y, z) -> (D, H, W)
+    slices = key_slices(registered, default_template_path())
+
+    assert [s.image.shape for s in slices] == [(233, 197), (189, 197), (189, 233)]
+    for key in slices:
+        assert key.outline is not None and 0.1 < key.outline.mean() < 0.9
+        assert np.array_equal(key.image > 0, key.outline)  # the template registered to itself
+        assert key.image.min() >= 0.0 and key.image.max() <= 1.0
+
+
+def test_key_slices_are_oriented_the_radiological_way() -> None:
+    marker = np.zeros((189, 233, 197), dtype=np.float32)  # (D, H, W) = (inferior->superior, A->P, R->L)
+    marker[60:, :126, 98:] = 1.0  # a superior, anterior, left block crossing all three planes
+    axial, coronal, sagittal = (s.image for s in key_slices(marker, default_template_path()))
+
+    assert axial[0, -1] == 1 and axial[-1, 0] == 0  # anterior up, patient's left on the viewer's right
+    assert coronal[0, -1] == 1 and coronal[-1, 0] == 0  # superior up, patient's left on the right
+    assert sagittal[0, 0] == 1 and sagittal[-1, -1] == 0  # superior up, anterior on the left
+
+
+def test_every_object_written_here_passes_dciodvfy() -> None:
+    files = sorted(path for root in WRITTEN for path in root.rglob("*.dcm"))
+    assert len(files) >= 20, files
+    for path in files:
+        result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], (path, errors)
