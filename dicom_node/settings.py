@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.uid import UID, generate_uid
 
 from pipeline.errors import ConfigError
@@ -144,6 +144,33 @@ class ProcessingSettings(_Section):
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
 
 
+class NoteColumns(_Section):
+    """Column names of an external notes table (empty: column absent)."""
+
+    patient_id: str = "patient_id"
+    issuer_of_patient_id: str = ""
+    accession_number: str = "accession_number"
+    note_date: str = "note_date"
+    note_type: str = "note_type"
+    text: str = "text"
+    note_id: str = "id"
+
+
+class NotesSettings(_Section):
+    """Where clinical notes come from: the node's database or an external SQL database."""
+
+    source: Literal["node", "external"] = "node"
+    url: str = ""
+    table: str = "clinical_notes"
+    columns: NoteColumns = NoteColumns()
+
+    @model_validator(mode="after")
+    def _url_for_external(self) -> NotesSettings:
+        if self.source == "external" and not self.url:
+            raise ValueError("notes.url is required when notes.source is 'external'")
+        return self
+
+
 class ModelSettings(_Section):
     """Where the model is and where it runs."""
 
@@ -185,6 +212,7 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     completeness: CompletenessSettings = CompletenessSettings()
     processing: ProcessingSettings = ProcessingSettings()
+    notes: NotesSettings = NotesSettings()
     model: ModelSettings = ModelSettings()
     delivery: DeliverySettings = DeliverySettings()
     device: DeviceSettings = DeviceSettings()
