@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 
+from dicom_node import cli_edge, cli_model, cli_worker
 from dicom_node.db.models import ClinicalNote as NoteRow
 from dicom_node.db.models import Delivery, Run
 from dicom_node.ingest import utcnow
@@ -30,7 +31,7 @@ class CommandGroup(Protocol):
 
 
 #: Modules that add sub-commands (model training/evaluation, workers, ...).
-EXTENSIONS: tuple[CommandGroup, ...] = ()
+EXTENSIONS: tuple[CommandGroup, ...] = (cli_worker, cli_model, cli_edge)
 
 #: CLI flag -> dotted settings key.
 OVERRIDES = {
@@ -43,6 +44,7 @@ OVERRIDES = {
     "device": "model.device",
     "quiet_period": "completeness.quiet_period_s",
     "workers": "processing.workers",
+    "executor": "processing.executor",
 }
 
 
@@ -59,6 +61,8 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--device", help="torch device: cpu, cuda, cuda:N")
     common.add_argument("--quiet-period", type=float, help="seconds without instances before a series is complete")
     common.add_argument("--workers", type=int, help="runs processed in parallel")
+    common.add_argument("--executor", choices=["local", "celery"],
+                        help="local: in-node workers; celery: enqueue to processing.broker_url for `dicom-node worker`")
     return common
 
 
@@ -78,10 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     notes = sub.add_parser("notes", help="clinical notes store").add_subparsers(dest="notes_command", required=True)
     notes_import = notes.add_parser("import", parents=[common], help="import notes from CSV or JSON lines")
     notes_import.add_argument("file", type=Path)
-    echo = sub.add_parser("echo", parents=[common], help="C-ECHO a configured destination")
-    echo.add_argument("destination")
-    deliveries = sub.add_parser("deliveries", help="the outbox").add_subparsers(dest="deliveries_command", required=True)
-    deliveries.add_parser("list", parents=[common], help="list deliveries")
     model = sub.add_parser("model", help="model files").add_subparsers(dest="model_command", required=True)
     init_demo = model.add_parser("init-demo", parents=[common], help="write the seeded untrained demonstration model")
     init_demo.add_argument("--out", type=Path, help="target directory (default: the configured model path)")
@@ -156,8 +156,10 @@ def run_record(settings: Settings, run_id: str) -> dict[str, Any]:
             "predicted_class": run.predicted_class,
             "used_note": run.used_note,
             "report_sop_instance_uid": run.report_sop_instance_uid,
+            "pdf_sop_instance_uid": run.pdf_sop_instance_uid,
+            "validation": run.validation_messages,
             "deliveries": [
-                {"destination": d.destination, "state": d.state, "attempts": d.attempts,
+                {"destination": d.destination, "object": d.object_kind, "state": d.state, "attempts": d.attempts,
                  "last_status": None if d.last_status is None else f"0x{d.last_status:04X}",
                  "last_error": d.last_error, "sent_at": _fmt(d.sent_at)}
                 for d in deliveries
@@ -214,21 +216,6 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(run_record(settings, args.run_id), indent=2))
     elif args.command == "notes":
         print(f"imported {cmd_notes_import(settings, args.file)} note(s)")
-    elif args.command == "echo":
-        from dicom_node.sender import echo
-
-        result = echo(settings.destination(args.destination), settings)
-        print(f"C-ECHO {args.destination}: " + (f"status 0x{result.status:04X}" if result.status is not None
-                                                else f"failed ({result.error})"))
-        return 0 if result.status == 0 else 1
-    elif args.command == "deliveries":
-        from dicom_node.db.session import open_database
-
-        db = open_database(settings.database_url, migrate=False)
-        with db.sessions() as session:
-            for d in session.scalars(select(Delivery).order_by(Delivery.created_at.desc())).all():
-                status = "-" if d.last_status is None else f"0x{d.last_status:04X}"
-                print(f"{d.id:6}  {d.run_id}  {d.destination:12}  {d.state:8}  attempts={d.attempts}  status={status}")
     elif args.command == "model":
         from model.inference import init_demo_model
 

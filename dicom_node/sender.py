@@ -1,16 +1,25 @@
-"""Outgoing C-STORE and C-ECHO (Storage and Verification SCU)."""
+"""Outgoing C-STORE and C-ECHO (Storage and Verification SCU), over TLS where configured.
+
+Every outcome is classified (:class:`~dicom_node.statuses.FailureClass`) so
+that the outbox retries what can succeed later and stops at once on what cannot.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
-from pynetdicom import AE
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.settings import Destination, Settings
+from dicom_node.statuses import FailureClass, RejectResult, classify_store_status, is_success, is_warning
+from dicom_node.tls import client_context
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +30,17 @@ class SendResult:
 
     status: int | None
     error: str | None
+    failure: FailureClass | None = field(default=None)
 
     @property
     def ok(self) -> bool:
         """True when the peer answered Success (or a Warning)."""
-        return self.status is not None and (self.status == 0 or self.status == 1 or 0xB000 <= self.status <= 0xBFFF)
+        return is_success(self.status) or is_warning(self.status)
+
+    @property
+    def warning(self) -> bool:
+        """True when the peer stored the object with a Warning status."""
+        return is_warning(self.status)
 
 
 def _ae(settings: Settings) -> AE:
@@ -33,7 +48,35 @@ def _ae(settings: Settings) -> AE:
     ae.acse_timeout = settings.network.acse_timeout_s
     ae.dimse_timeout = settings.network.dimse_timeout_s
     ae.network_timeout = settings.network.network_timeout_s
+    ae.connection_timeout = settings.network.acse_timeout_s
     return ae
+
+
+def _associate(ae: AE, destination: Destination, settings: Settings) -> tuple[Association, SendResult | None]:
+    """Open an association; the second item is the classified failure, or None when established."""
+    opened: list[bool] = []
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda event: opened.append(True))]
+    tls_args = (client_context(settings.network.tls), destination.host) if destination.tls else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
+                         evt_handlers=handlers)
+    if assoc.is_established:
+        return assoc, None
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+        result = getattr(primitive, "result", None)
+        detail = f"source {getattr(primitive, 'result_source', '?')}, reason {getattr(primitive, 'diagnostic', '?')}"
+        if result == RejectResult.PERMANENT:
+            return assoc, SendResult(None, f"association rejected permanently ({detail})",
+                                     FailureClass.REJECTED_PERMANENT)
+        return assoc, SendResult(None, f"association rejected transiently ({detail})",
+                                 FailureClass.REJECTED_TRANSIENT)
+    if not opened:
+        return assoc, SendResult(None, f"connection to {destination.host}:{destination.port} refused or unreachable",
+                                 FailureClass.CONNECTION_REFUSED)
+    if assoc.is_aborted:
+        return assoc, SendResult(None, "association aborted during negotiation (TLS or peer failure)",
+                                 FailureClass.ABORTED)
+    return assoc, SendResult(None, "no association response (timeout)", FailureClass.TIMEOUT)
 
 
 def send_file(path: Path, destination: Destination, settings: Settings) -> SendResult:
@@ -44,44 +87,54 @@ def send_file(path: Path, destination: Destination, settings: Settings) -> SendR
     path : Path
         A DICOM Part 10 file.
     destination : Destination
-        The peer.
+        The peer (TLS when ``destination.tls``).
     settings : Settings
-        For our AE title and timeouts.
+        For our AE title, timeouts and TLS files.
 
     Returns
     -------
     SendResult
-        The C-STORE response status, or an error when no association/response.
+        The C-STORE response status, or the classified failure when no association/response.
     """
-    ds = dcmread(path)
+    try:
+        ds = dcmread(path)
+    except (OSError, InvalidDicomError) as exc:
+        return SendResult(None, f"object cannot be read ({type(exc).__name__})", FailureClass.LOCAL_ERROR)
     ae = _ae(settings)
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            return SendResult(None, "association rejected")
-        return SendResult(None, "association aborted or connection refused")
+    assoc, failure = _associate(ae, destination, settings)
+    if failure is not None:
+        return failure
     try:
         response = assoc.send_c_store(ds)
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     if response is None or "Status" not in response:
-        return SendResult(None, "no response to C-STORE (timeout or abort)")
+        if assoc.is_aborted:
+            return SendResult(None, "association aborted before the C-STORE response", FailureClass.ABORTED)
+        return SendResult(None, "no response to C-STORE (DIMSE timeout)", FailureClass.TIMEOUT)
     status = int(response.Status)
-    return SendResult(status, None if status == 0 else f"C-STORE status 0x{status:04X}")
+    failure_class = classify_store_status(status)
+    if failure_class is None:
+        return SendResult(status, f"C-STORE warning 0x{status:04X}" if is_warning(status) else None)
+    return SendResult(status, f"C-STORE status 0x{status:04X}", failure_class)
 
 
 def echo(destination: Destination, settings: Settings) -> SendResult:
-    """C-ECHO a destination."""
+    """C-ECHO a destination (TLS when ``destination.tls``)."""
     ae = _ae(settings)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        return SendResult(None, "association rejected" if assoc.is_rejected else "association failed")
+    assoc, failure = _associate(ae, destination, settings)
+    if failure is not None:
+        return failure
     try:
         response = assoc.send_c_echo()
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     if response is None or "Status" not in response:
-        return SendResult(None, "no response to C-ECHO")
-    return SendResult(int(response.Status), None)
+        return SendResult(None, "no response to C-ECHO", FailureClass.TIMEOUT)
+    status = int(response.Status)
+    return SendResult(status, None if status == 0 else f"C-ECHO status 0x{status:04X}",
+                      None if status == 0 else FailureClass.FAILURE_STATUS)

@@ -1,30 +1,74 @@
 """The Storage SCP: the node's DICOM listener.
 
 Handlers stay thin: they turn the work of :mod:`dicom_node.ingest` into named
-DIMSE statuses.  No pixel data is decoded in the handler.
+DIMSE statuses.  No pixel data is decoded in the C-STORE handler: the encoded
+dataset is written to the spool, recorded, then answered.
+
+Associations are checked at request time (:mod:`dicom_node.edge_access`):
+calling AE title (optionally pinned to a host), called AE title (the node's or
+a profile's), free disk above ``storage.free_space_reserve_mb``; pynetdicom
+enforces ``network.max_associations``.  Every association is logged; one that
+ends without A-RELEASE has its instances quarantined (:mod:`dicom_node.edge_assoc`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import socket
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.ingest import Peer, Recorder, RejectedInstance, Spool, identify
+from dicom_node import edge_fastpath
+from dicom_node.edge_access import AccessPolicy
+from dicom_node.edge_assoc import AssociationInfo, AssociationJournal, Outcome
+from dicom_node.ingest import (
+    Duplicate,
+    Peer,
+    Recorder,
+    RejectedInstance,
+    Spool,
+    duplicate_decision,
+    identify,
+    is_lossy,
+    part10_bytes,
+    transfer_syntaxes,
+)
 from dicom_node.settings import Settings
-from dicom_node.statuses import StoreStatus, VerificationStatus
+from dicom_node.statuses import RejectReason, RejectResult, RejectSource, StoreStatus, VerificationStatus
+from dicom_node.tls import server_context
 from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+#: Largest P-DATA PDU we accept; big PDUs mean fewer round trips through pynetdicom's reactor.
+MAX_PDU = 1_048_576
 
-def _peer(event: Any) -> Peer:
-    requestor = event.assoc.requestor
-    return Peer(calling_ae_title=str(requestor.ae_title).strip(), address=f"{requestor.address}:{requestor.port}")
+_REJECT_REASONS: dict[tuple[Any, Any], str] = {
+    (RejectSource.SERVICE_USER, RejectReason.CALLING_AE_NOT_RECOGNIZED): "calling AE title not recognised",
+    (RejectSource.SERVICE_USER, RejectReason.CALLED_AE_NOT_RECOGNIZED): "called AE title not recognised",
+    (RejectSource.SERVICE_PROVIDER_PRESENTATION, RejectReason.LOCAL_LIMIT_EXCEEDED):
+        "too many associations (network.max_associations)",
+}
+
+
+@dataclass
+class _AssocState:
+    """What the node tracks about one open association."""
+
+    log_id: int
+    peer: Peer
+    called_ae_title: str
+    stored: int = 0
+    refused: int = 0
+    finished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class StorageServer:
@@ -33,36 +77,43 @@ class StorageServer:
     Parameters
     ----------
     settings : Settings
-        The node's settings (AE title, address, allow-list, timeouts).
+        The node's settings (AE titles, allow-list, TLS, limits, timeouts).
     spool : Spool
         Where instances are written.
     recorder : Recorder
         Where instances and rejections are recorded.
-    on_stored : callable, optional
-        Called (without arguments) after each newly stored instance.
+
+    Raises
+    ------
+    ConfigError
+        Empty allow-list, an unresolvable pinned host, or unusable TLS files.
     """
 
     def __init__(self, settings: Settings, spool: Spool, recorder: Recorder) -> None:
         net = settings.network
-        if not net.allowed_calling_ae_titles:
-            raise ConfigError(
-                "network.allowed_calling_ae_titles is empty: list the AE titles allowed to send, "
-                "or '*' to accept any caller (insecure)"
-            )
         self.settings = settings
+        self.policy = AccessPolicy.from_settings(settings)
         self.spool = spool
         self.recorder = recorder
+        self.journal = AssociationJournal(recorder.sessions, spool)
+        self.reserve_bytes = settings.storage.free_space_reserve_mb * 1024 * 1024
+        self.ssl_context = server_context(net.tls) if net.tls.enabled else None
         self.ae = AE(ae_title=net.ae_title)
-        self.ae.supported_contexts = AllStoragePresentationContexts
+        syntaxes = transfer_syntaxes(settings.storage.accept_lossy)
+        for context in AllStoragePresentationContexts:
+            if context.abstract_syntax is not None:
+                self.ae.add_supported_context(context.abstract_syntax, syntaxes)
         self.ae.add_supported_context(Verification)
-        self.ae.require_called_aet = True
-        allowed = [] if "*" in net.allowed_calling_ae_titles else list(net.allowed_calling_ae_titles)
-        self.ae.require_calling_aet = allowed
+        self.ae.require_called_aet = True  # checked against the title chosen in _on_requested
+        self.ae.require_calling_aet = []   # checked (with host pins) in _on_requested
         self.ae.maximum_associations = net.max_associations
+        self.ae.maximum_pdu_size = MAX_PDU
         self.ae.acse_timeout = net.acse_timeout_s
         self.ae.dimse_timeout = net.dimse_timeout_s
         self.ae.network_timeout = net.network_timeout_s
         self._server: ThreadedAssociationServer | None = None
+        self._assocs: dict[int, _AssocState] = {}
+        self._assocs_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -74,13 +125,20 @@ class StorageServer:
     def start(self) -> None:
         """Bind and serve in background threads."""
         net = self.settings.network
-        handlers = [
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self._server = self.ae.start_server((net.bind_address, net.port), block=False, evt_handlers=handlers)
-        logger.info("listening as %s on %s:%d", net.ae_title, net.bind_address, self.port)
+        self._server = self.ae.start_server(
+            (net.bind_address, net.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context)
+        logger.info("listening as %s on %s:%d%s", ", ".join(sorted(self.policy.called)), net.bind_address,
+                    self.port, " (TLS)" if self.ssl_context else "")
 
     def stop(self) -> None:
         """Stop accepting associations and close the listener."""
@@ -89,27 +147,128 @@ class StorageServer:
             self._server = None
         self.ae.shutdown()
 
-    # ----- handlers -------------------------------------------------------
+    # ----- association life cycle ----------------------------------------
+    def _on_conn_open(self, event: Any) -> None:
+        raw = getattr(event.assoc.dul.socket, "socket", None)
+        if self.settings.network.tcp_nodelay and raw is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        edge_fastpath.install(event.assoc)
+
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip()
+        called = str(primitive.called_ae_title).strip()
+        address = str(assoc.requestor.address)
+        peer = Peer(calling_ae_title=calling, address=f"{address}:{assoc.requestor.port}")
+        log_id = self.journal.start(AssociationInfo(calling, called, peer.address, self.ssl_context is not None))
+        state = _AssocState(log_id, peer, called)
+        with self._assocs_lock:
+            self._assocs[id(assoc)] = state
+        reason = self.policy.check_calling(calling, address)
+        rsd: tuple[int, int, int] | None = None
+        if reason is not None:
+            rsd = (RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.CALLING_AE_NOT_RECOGNIZED)
+        elif (reason := self.policy.check_called(called)) is not None:
+            rsd = (RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.CALLED_AE_NOT_RECOGNIZED)
+        elif self.spool.free_bytes() < self.reserve_bytes:
+            reason = "free disk below storage.free_space_reserve_mb"
+            rsd = (RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                   RejectReason.TEMPORARY_CONGESTION)
+        if rsd is None or reason is None:
+            assoc.acceptor.ae_title = called  # the profile's title is answered and passes pynetdicom's check
+            return
+        logger.warning("association from %s (calling AE %s) refused: %s", address, calling, reason)
+        self._finish(assoc, Outcome.REJECTED, reason)  # before the A-ASSOCIATE-RJ: the peer then closes at once
+        assoc.acse.send_reject(*rsd)
+        self._record_refusal(peer, reason)
+
+    @staticmethod
+    def _reject_reason(assoc: Any) -> str:
+        primitive = assoc.acceptor.primitive
+        key: tuple[Any, Any] = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
+        return _REJECT_REASONS.get(key, "association rejected")
+
+    def _on_rejected(self, event: Any) -> None:
+        reason = self._reject_reason(event.assoc)
+        logger.warning("association from %s refused: %s", event.assoc.requestor.address, reason)
+        with self._assocs_lock:
+            state = self._assocs.get(id(event.assoc))
+        self._finish(event.assoc, Outcome.REJECTED, reason)
+        if state is not None:
+            self._record_refusal(state.peer, reason)
+
+    def _record_refusal(self, peer: Peer, reason: str) -> None:
+        try:
+            self.recorder.record_rejection(peer, 0, f"association rejected: {reason}", None, None)
+        except SQLAlchemyError as exc:
+            logger.error("refused association not recorded (%s)", type(exc).__name__)
+
+    def _on_released(self, event: Any) -> None:
+        self._finish(event.assoc, Outcome.RELEASED, None)
+
+    def _on_aborted(self, event: Any) -> None:
+        self._finish(event.assoc, Outcome.ABORTED, "association aborted")
+
+    def _on_conn_close(self, event: Any) -> None:
+        if event.assoc.is_released:
+            self._finish(event.assoc, Outcome.RELEASED, None)
+        elif event.assoc.is_rejected or getattr(event.assoc.acceptor.primitive, "result", None) in (
+                RejectResult.PERMANENT, RejectResult.TRANSIENT):  # the peer closed before EVT_REJECTED reached us
+            self._finish(event.assoc, Outcome.REJECTED, self._reject_reason(event.assoc))
+        else:
+            self._finish(event.assoc, Outcome.ABORTED, "connection closed without A-RELEASE")
+
+    def _finish(self, assoc: Any, outcome: str, reason: str | None) -> None:
+        with self._assocs_lock:
+            state = self._assocs.pop(id(assoc), None)
+        if state is None:
+            return
+        with state.lock:  # waits for a C-STORE in progress
+            state.finished = True
+            quarantined = 0
+            try:
+                if outcome == Outcome.ABORTED:
+                    quarantined = self.journal.quarantine(state.log_id)
+                    if quarantined:
+                        reason = f"{reason}: {quarantined} instance(s) quarantined"
+                self.journal.finish(state.log_id, outcome, reason, state.stored - quarantined, state.refused)
+            except SQLAlchemyError as exc:
+                logger.error("association log %d not finished (%s)", state.log_id, type(exc).__name__)
+
+    # ----- DIMSE handlers -------------------------------------------------
     def _on_echo(self, event: Any) -> int:
         return int(VerificationStatus.SUCCESS)
 
-    def _on_rejected(self, event: Any) -> None:
-        peer = _peer(event)
-        logger.warning("association from %s refused (calling AE not allowed or called AE wrong)", peer.address)
-        self.recorder.record_rejection(peer, 0, "association rejected: calling or called AE title not accepted", None, None)
-
     def _on_store(self, event: Any) -> int:
-        peer = _peer(event)
+        with self._assocs_lock:
+            state = self._assocs.get(id(event.assoc))
+        if state is None:
+            return int(StoreStatus.PROCESSING_FAILURE)
+        with state.lock:
+            if state.finished:
+                return int(StoreStatus.PROCESSING_FAILURE)
+            status = self._store(event, state)
+            if status == StoreStatus.SUCCESS:
+                state.stored += 1
+            else:
+                state.refused += 1
+            return int(status)
+
+    def _store(self, event: Any, state: _AssocState) -> StoreStatus:
         request = event.request
         sop_class = str(request.AffectedSOPClassUID)
         sop_instance = str(request.AffectedSOPInstanceUID)
+        ts_uid = str(event.context.transfer_syntax)
+        storage = self.settings.storage
         try:
             try:
                 ds = event.dataset
                 ident = identify(ds, sop_class)
+                lossy = is_lossy(ds, ts_uid)
             except RejectedInstance:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any decoding failure of untrusted bytes
+            except Exception as exc:
                 raise RejectedInstance(
                     StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be decoded ({type(exc).__name__})"
                 ) from exc
@@ -118,25 +277,45 @@ class StorageServer:
                     StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                     "SOPInstanceUID of the dataset differs from the C-STORE request",
                 )
-            data = event.encoded_dataset()
+            if lossy and not storage.accept_lossy:
+                raise RejectedInstance(StoreStatus.LOSSY_INPUT_REFUSED,
+                                       "lossy-compressed input refused (storage.accept_lossy is false)")
+            data = part10_bytes(event.request.DataSet.getvalue(), sop_class, sop_instance, ts_uid,
+                                state.peer.calling_ae_title)
+            if self.spool.free_bytes() - len(data) < self.reserve_bytes:
+                raise RejectedInstance(StoreStatus.OUT_OF_RESOURCES, "free disk below storage.free_space_reserve_mb")
+            digest = hashlib.sha256(data).hexdigest()
+            prior = self.recorder.prior(sop_instance)
+            decision = duplicate_decision(storage.duplicate_policy, prior, digest)
+            if decision is Duplicate.REJECT:
+                raise RejectedInstance(StoreStatus.DUPLICATE_SOP_INSTANCE,
+                                       "SOP Instance UID already received (storage.duplicate_policy = reject)")
+            if decision is Duplicate.IGNORE:
+                logger.debug("identical re-send of %s ignored", sop_instance)
+                return StoreStatus.SUCCESS
             path = self.spool.path_for(ident)
             try:
                 self.spool.write(path, data)
             except OSError as exc:
                 raise RejectedInstance(StoreStatus.OUT_OF_RESOURCES, f"spool write failed ({exc.strerror})") from exc
-            ts_uid = str(event.context.transfer_syntax)
             try:
-                new = self.recorder.record_instance(ident, peer, path, data, ts_uid)
+                self.recorder.record_instance(
+                    ident, state.peer, path, len(data), digest, ts_uid,
+                    changed=prior is None or prior.quarantined or prior.sha256 != digest,
+                    association_id=state.log_id, called_ae_title=state.called_ae_title, lossy=lossy)
             except SQLAlchemyError as exc:
                 logger.error("database unavailable while recording %s: %s", sop_instance, type(exc).__name__)
-                return int(StoreStatus.OUT_OF_RESOURCES)
+                return StoreStatus.OUT_OF_RESOURCES
         except RejectedInstance as exc:
             logger.warning(
                 "refused SOP instance %s from %s: %s (status 0x%04X)",
-                sop_instance, peer.calling_ae_title, exc.reason, exc.status,
+                sop_instance, state.peer.calling_ae_title, exc.reason, exc.status,
             )
-            self.recorder.record_rejection(peer, exc.status, exc.reason, sop_class, sop_instance)
-            return int(exc.status)
+            try:
+                self.recorder.record_rejection(state.peer, exc.status, exc.reason, sop_class, sop_instance)
+            except SQLAlchemyError as db_exc:
+                logger.error("rejection of %s not recorded (%s)", sop_instance, type(db_exc).__name__)
+            return exc.status
         logger.debug("stored %s (series %s)%s", ident.sop_instance_uid, ident.series_instance_uid,
-                     "" if new else " (identical re-send)")
-        return int(StoreStatus.SUCCESS)
+                     " (replaced)" if decision is Duplicate.REPLACE else "")
+        return StoreStatus.SUCCESS

@@ -1,0 +1,193 @@
+"""Ingest throughput: the node's Storage SCP versus DCMTK's storescp, same run.
+
+Run ``make bench-ingest`` (``python -m benchmarks.bench_ingest``).  A 500-instance
+MR series (256x256, 16-bit, explicit VR little endian) is written once, then
+sent with DCMTK's ``storescu`` over one association, with ``TCP_NODELAY=1`` in
+the environment of both DCMTK tools (DCMTK sets TCP_NODELAY only then; the node
+sets it itself, ``network.tcp_nodelay``):
+
+- to DCMTK's ``storescp`` (writing files, no fsync: DCMTK never fsyncs);
+- to the node's :class:`~dicom_node.server.StorageServer` (spool + SQLite
+  database, everything the C-STORE handler does in production), once with
+  ``storage.fsync = false`` (like for like with storescp) and once with the
+  default ``storage.fsync = true``;
+- then 8 ``storescu`` senders in parallel to the node (8 series of 250).
+
+Prints instances per second, ``ratio: X`` (node without fsync / storescp, the
+like-for-like figure), ``ratio_fsync: X`` (durable default / storescp), and,
+with ``--profile``, where the handler's time goes.  DCMTK's tools are called by
+full path (pynetdicom installs its own ``storescu``/``storescp`` scripts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from dicom_node.db.session import open_database
+from dicom_node.ingest import Recorder, Spool
+from dicom_node.localpacs import free_port, wait_for
+from dicom_node.server import StorageServer
+from dicom_node.settings import load_settings
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def write_series(out: Path, count: int, size: int = 256) -> list[Path]:
+    """One MR series of *count* single-frame 16-bit instances."""
+    out.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    pixels = np.random.default_rng(0).integers(0, 4000, (size, size), dtype=np.uint16).tobytes()
+    paths = []
+    for index in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
+        ds.Modality, ds.PatientName, ds.PatientID = "MR", "Bench^Series", "BENCH-0001"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SeriesNumber, ds.InstanceNumber = 1, index + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, float(index)]
+        ds.PixelSpacing, ds.SliceThickness = [1, 1], 1
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = pixels
+        path = out / f"mr{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def storescu(port: int, files: list[Path], called: str) -> float:
+    """Send *files* over one association; returns the seconds it took."""
+    start = time.perf_counter()
+    result = subprocess.run([STORESCU, "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+                            env=DCMTK_ENV, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"storescu failed: {result.stderr[-2000:]}")
+    return seconds
+
+
+def bench_storescp(files: list[Path], work: Path) -> float:
+    """Instances per second into DCMTK's storescp."""
+    out = work / "storescp"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([STORESCP, "-od", str(out), str(port)], env=DCMTK_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _accepts(port), 10, "storescp")
+        seconds = storescu(port, files, "ANY-SCP")
+    finally:
+        proc.terminate()
+        proc.wait()
+    return len(files) / seconds
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_node(work: Path, fsync: bool) -> StorageServer:
+    """The node's Storage SCP on a free port, SQLite database under *work*."""
+    settings = load_settings(environ={}, overrides={
+        "storage.data_dir": str(work), "network.port": 0, "network.allowed_calling_ae_titles": ["BENCH"],
+        "storage.fsync": fsync, "storage.free_space_reserve_mb": 0, "network.max_associations": 16,
+        "destinations": [],
+    })
+    db = open_database(settings.database_url)
+    server = StorageServer(settings, Spool.from_settings(settings), Recorder(db.sessions))
+    server.start()
+    return server
+
+
+def bench_node(files: list[Path], work: Path, fsync: bool, profile: bool = False) -> tuple[float, str]:
+    """Instances per second into the node over one association (and a profile of the handler)."""
+    server = start_node(work, fsync)
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        inner = server._store
+
+        def profiled(*args: object) -> object:
+            profiler.enable()
+            try:
+                return inner(*args)  # type: ignore[arg-type]
+            finally:
+                profiler.disable()
+
+        server._store = profiled  # type: ignore[method-assign,assignment]
+    try:
+        seconds = storescu(server.port, files, server.settings.network.ae_title)
+    finally:
+        server.stop()
+    report = ""
+    if profiler is not None:
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(25)
+        report = stream.getvalue()
+    return len(files) / seconds, report
+
+
+def bench_parallel(batches: list[list[Path]], work: Path, fsync: bool) -> float:
+    """Instances per second into the node from len(batches) storescu processes at once."""
+    server = start_node(work, fsync)
+    try:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(batches)) as pool:
+            list(pool.map(lambda batch: storescu(server.port, batch, server.settings.network.ae_title), batches))
+        seconds = time.perf_counter() - start
+    finally:
+        server.stop()
+    return sum(len(b) for b in batches) / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=500, help="instances in the series (default 500)")
+    parser.add_argument("--senders", type=int, default=8, help="parallel senders for the second figure")
+    parser.add_argument("--per-sender", type=int, default=250, help="instances per parallel sender")
+    parser.add_argument("--profile", action="store_true", help="profile the C-STORE handler (node, no fsync)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        files = write_series(work / "series", args.count)
+        scp = bench_storescp(files, work)
+        node, report = bench_node(files, work / "node", fsync=False, profile=args.profile)
+        node_fsync, _ = bench_node(files, work / "node-fsync", fsync=True)
+        batches = [write_series(work / f"sender{i}", args.per_sender) for i in range(args.senders)]
+        parallel = bench_parallel(batches, work / "node-parallel", fsync=True)
+    print(f"instances: {args.count} (256x256, 16-bit MR), one association, TCP_NODELAY on")
+    print(f"storescp: {scp:.0f} instances/s")
+    print(f"node (storage.fsync=false): {node:.0f} instances/s")
+    print(f"node (storage.fsync=true, default): {node_fsync:.0f} instances/s")
+    print(f"node, {args.senders} parallel senders x {args.per_sender} (fsync=true): {parallel:.0f} instances/s")
+    print(f"ratio_fsync: {node_fsync / scp:.2f}")
+    print(f"ratio: {node / scp:.2f}")
+    if report:
+        print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

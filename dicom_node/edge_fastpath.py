@@ -1,0 +1,184 @@
+"""Low-latency reactors for pynetdicom acceptor associations.
+
+pynetdicom (3.x) polls: its DUL thread sleeps 1 ms whenever a loop found
+nothing to do, and the association thread sleeps 1 ms before every look for a
+DIMSE message.  A C-STORE of a small instance therefore waits 1-3 ms in
+sleeps, which caps one association at a few hundred instances per second
+whatever the handler does.  :func:`install` replaces both loops of one
+acceptor association, before it starts, with event-driven equivalents:
+
+- the DUL thread waits in ``select`` on the peer socket *and* a wake-up socket
+  that is written whenever the association queues a primitive to send (the
+  C-STORE response), so it reacts to either at once;
+- the association thread blocks on the DIMSE message queue instead of sleeping.
+
+Both loops keep pynetdicom's logic step for step (state machine, ARTIM and idle
+timers, release and abort handling); idle, each wakes every
+:data:`IDLE_WAIT_S` to check its timers.  They rely on pynetdicom internals,
+so the node pins ``pynetdicom>=3,<4`` and :func:`install` refuses an
+association whose internals differ (it is then served by the stock loops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import ssl
+import threading
+import types
+from typing import Any
+
+from pynetdicom.pdu import A_ABORT_RQ
+
+logger = logging.getLogger(__name__)
+
+#: How long an idle loop waits before checking its timers again.
+IDLE_WAIT_S = 0.01
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """The DUL's to-provider queue: every put wakes the DUL thread."""
+
+    def __init__(self, wake: socket.socket) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        with contextlib.suppress(OSError):  # a wake-up is already pending, or the DUL is gone
+            self._wake.send(b"\0")
+
+
+def install(assoc: Any) -> bool:
+    """Give an acceptor association the event-driven loops; call from ``EVT_CONN_OPEN``.
+
+    Returns False (stock loops kept) when pynetdicom's internals are not as expected.
+    """
+    dul = assoc.dul
+    needed = ("to_provider_queue", "event_queue", "_is_transport_event", "_process_recv_primitive",
+              "state_machine", "artim_timer", "_idle_timer", "_kill_thread")
+    if dul.is_alive() or not all(hasattr(dul, name) for name in needed) or not hasattr(assoc, "_reactor_checkpoint"):
+        return False
+    if not dul.to_provider_queue.empty():
+        return False
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    dul.to_provider_queue = _WakingQueue(writer)
+    dul._target = lambda: _dul_reactor(dul, reader, writer)
+    assoc._run_reactor = types.MethodType(_assoc_reactor, assoc)
+    return True
+
+
+def _wait(dul: Any, reader: socket.socket) -> None:
+    """Block until the peer sent data, a primitive was queued, or the idle wait passed."""
+    raw = getattr(dul.socket, "socket", None)
+    if raw is None or raw.fileno() < 0:
+        threading.Event().wait(IDLE_WAIT_S / 10)
+        return
+    if isinstance(raw, ssl.SSLSocket) and raw.pending():
+        return
+    try:
+        ready, _, _ = select.select([raw, reader], [], [], IDLE_WAIT_S)
+    except (OSError, ValueError):
+        return
+    if reader in ready:
+        try:
+            while reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket) -> None:
+    """pynetdicom's ``DULServiceProvider.run_reactor`` with ``select`` instead of sleeping."""
+    dul._idle_timer.start()
+    idle = False
+    try:
+        while True:
+            if not dul.assoc._dul_ready.is_set():
+                dul.assoc._dul_ready.set()
+            if idle:
+                _wait(dul, reader)
+            if dul._kill_thread:
+                break
+            if dul.artim_timer.expired:
+                dul.event_queue.put("Evt18")
+            try:
+                if dul._process_recv_primitive():
+                    pass
+                elif dul._is_transport_event():
+                    dul._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - same recovery as pynetdicom's own reactor
+                logger.error("exception in the DUL reactor (%s); aborting the association", type(exc).__name__)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                dul.socket.send(abort_pdu.encode())
+                dul.assoc.is_aborted = True
+                dul.assoc.is_established = False
+                dul.assoc._kill = True
+                dul._kill_thread = True
+                return
+            try:
+                event = dul.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            dul.state_machine.do_action(event)
+            idle = False
+    finally:
+        reader.close()
+        writer.close()
+
+
+def _assoc_reactor(self: Any) -> None:
+    """pynetdicom's acceptor ``Association._run_reactor``, blocking on the DIMSE queue instead of sleeping."""
+    from pynetdicom import evt
+
+    self._is_paused = False
+    messages = self.dimse.msg_queue
+    while not self._kill:
+        self._is_paused = True
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+        try:
+            context_id, msg = messages.get(timeout=IDLE_WAIT_S)
+        except queue.Empty:
+            context_id, msg = None, None
+        if msg:
+            self._serve_request(msg, context_id)
+        if self.is_established and self.acse.is_release_requested():
+            # Released before the response goes out: the peer may close the
+            # connection (EVT_CONN_CLOSE) as soon as it has it.
+            self.is_released = True
+            self.is_established = False
+            self.acse.send_release(is_response=True)
+            logger.debug("association released")
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+        if not self.dul.is_alive():
+            self.kill()
+            return
+        if self.dul.idle_timer_expired():
+            logger.error("network timeout reached")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return

@@ -1,0 +1,320 @@
+"""The edge's ingest against real peers: allow-list, profiles, limits, quarantine, duplicates, concurrency.
+
+Also holds the helpers the other ``test_edge_*`` modules share (:func:`mr_series`,
+:func:`edge_server`, :func:`storescu`) and the check that no test patient's
+name or ID reaches the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.completeness import complete_quiet_series, create_runs
+from dicom_node.db.models import AssociationLog, Instance, Rejection, Run, RunState, Series, Study
+from dicom_node.db.session import open_database
+from dicom_node.edge_access import destinations_for
+from dicom_node.ingest import Recorder, Spool, utcnow
+from dicom_node.localpacs import wait_for
+from dicom_node.server import StorageServer
+from dicom_node.settings import Settings
+from dicom_node.statuses import StoreStatus
+from pipeline.synth import StudyHeader, write_mr_series
+from tests.conftest import make_settings, require_tool
+
+#: Test patients of the edge tests; none of these strings may appear in any log record.
+PATIENTS = [
+    StudyHeader(patient_name=f"Edgetest^Patient{n}", patient_id=f"EDGE-PID-{n:04d}", patient_birth_date="19500101",
+                patient_sex="F", study_instance_uid=f"1.2.826.0.1.3680043.10.1389.77.{n}", study_date="20260301",
+                study_time="101010", accession_number=f"EDGE-ACC-{n}")
+    for n in range(1, 17)
+]
+PHI = [s for p in PATIENTS for s in (p.patient_id, p.accession_number, p.patient_name, p.patient_name.split("^")[1])]
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture(autouse=True)
+def no_patient_data_in_logs() -> Iterator[None]:
+    """Every log record of the node (DEBUG) and pynetdicom (INFO) during a test is free of patient data."""
+    handler = _Collect()
+    root = logging.getLogger()
+    levels = {name: logging.getLogger(name).level for name in ("dicom_node", "pynetdicom")}
+    logging.getLogger("dicom_node").setLevel(logging.DEBUG)
+    logging.getLogger("pynetdicom").setLevel(logging.INFO)
+    root.addHandler(handler)
+    yield
+    root.removeHandler(handler)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    leaked = [line for line in handler.lines if any(s in line for s in PHI)]
+    assert not leaked, leaked[:3]
+
+
+def mr_series(directory: Path, patient: int = 0, slices: int = 6, series_number: int = 3,
+              drop: tuple[int, ...] = (), size: int = 24) -> list[Path]:
+    """A small axial MR series (*size* x *size* in-plane, 2 mm slices) of test patient *patient*."""
+    rng = np.random.default_rng(patient * 100 + series_number)
+    volume = rng.uniform(10, 1000, (size, size, slices)).astype(np.float32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    files = write_mr_series(volume, affine, directory, study=PATIENTS[patient], series_number=series_number)
+    for index in drop:
+        files[index].unlink()
+    return [f for n, f in enumerate(files) if n not in drop]
+
+
+@contextmanager
+def edge_server(settings: Settings) -> Iterator[StorageServer]:
+    """A running StorageServer with its own database under the settings' data directory."""
+    db = open_database(settings.database_url)
+    server = StorageServer(settings, Spool.from_settings(settings), Recorder(db.sessions))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        db.engine.dispose()
+
+
+def storescu(port: int, files: list[Path], calling: str = "SCANNER", called: str = "AD_NODE",
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """DCMTK's storescu (by full path) with TCP_NODELAY."""
+    return subprocess.run(
+        [require_tool("storescu"), "-v", *extra, "-aet", calling, "-aec", called, "127.0.0.1", str(port),
+         *map(str, files)], capture_output=True, text=True, timeout=120, check=False, env={"TCP_NODELAY": "1"})
+
+
+def echoscu(port: int, calling: str = "SCANNER", called: str = "AD_NODE", extra: tuple[str, ...] = ()) -> int:
+    """DCMTK's echoscu; returns its exit code."""
+    return subprocess.run([require_tool("echoscu"), *extra, "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=30, check=False).returncode
+
+
+def finish_run(sessions: sessionmaker[Session], run_id: str) -> None:
+    """What processing leaves behind: the run succeeded."""
+    with sessions.begin() as session:
+        run = session.get(Run, run_id)
+        run.state, run.finished_at = RunState.SUCCEEDED.value, utcnow()
+
+
+def associations(server: StorageServer) -> list[AssociationLog]:
+    with server.recorder.sessions() as session:
+        return list(session.scalars(select(AssociationLog).order_by(AssociationLog.id)).all())
+
+
+def ended(server: StorageServer, count: int) -> list[AssociationLog]:
+    """Wait until *count* associations are logged as ended (the log is written as they close)."""
+    return wait_for(lambda: (rows := associations(server)) and len([r for r in rows if r.ended_at]) >= count
+                    and rows, 20, f"{count} ended association(s)", 0.05)
+
+
+def test_allow_list_host_pin_profiles_and_association_log(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, **{
+        "network.allowed_calling_ae_titles": ["SCANNER", "PINNED@10.11.12.13", "LOCAL@localhost"],
+        "network.profiles": [{"ae_title": "AD_RESEARCH", "destinations": ["research"]}],
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+                         {"name": "research", "ae_title": "RPACS", "host": "127.0.0.1", "port": 105}],
+    })
+    with edge_server(settings) as server:
+        port = server.port
+        assert echoscu(port, calling="STRANGER") != 0
+        assert echoscu(port, calling="PINNED") != 0          # right title, wrong host
+        assert echoscu(port, calling="SCANNER", called="WRONG_AE") != 0
+        assert echoscu(port, calling="LOCAL") == 0            # pinned to localhost, calls from 127.0.0.1
+        result = storescu(port, mr_series(tmp_path / "s", 0, 3), called="AD_RESEARCH")
+        assert result.stdout.count("Received Store Response (Success)") + result.stderr.count(
+            "Received Store Response (Success)") == 3, result.stderr
+        rows = ended(server, 5)
+        with server.recorder.sessions() as session:
+            study = session.scalars(select(Study)).one()
+            refusals = session.scalars(select(Rejection.reason)).all()
+    assert [(r.calling_ae_title, r.outcome) for r in rows] == [
+        ("STRANGER", "rejected"), ("PINNED", "rejected"), ("SCANNER", "rejected"), ("LOCAL", "released"),
+        ("SCANNER", "released")]
+    assert rows[1].reason == "calling AE title not allowed from this host"
+    assert rows[2].reason == "called AE title is not one of this node's AE titles"
+    assert rows[4].called_ae_title == "AD_RESEARCH" and rows[4].instances_stored == 3
+    assert rows[4].peer_address.startswith("127.0.0.1:") and rows[4].ended_at >= rows[4].started_at
+    assert len(refusals) == 3 and all(r.startswith("association rejected") for r in refusals)
+    assert study.called_ae_title == "AD_RESEARCH"
+    assert [d.name for d in destinations_for(settings, study.called_ae_title)] == ["research"]
+    assert [d.name for d in destinations_for(settings, "AD_NODE")] == ["pacs", "research"]
+
+
+def test_association_limit_and_free_disk_reserve(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, **{"network.max_associations": 1, "storage.free_space_reserve_mb": 0})
+    files = mr_series(tmp_path / "s", 1, 3)
+    with edge_server(settings) as server:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        held = ae.associate("127.0.0.1", server.port, ae_title="AD_NODE")
+        assert held.is_established
+        assert echoscu(server.port) != 0                      # over network.max_associations
+        assert held.send_c_store(dcmread(files[0])).Status == StoreStatus.SUCCESS
+        server.reserve_bytes = server.spool.free_bytes() * 2  # the disk "fills up"
+        assert held.send_c_store(dcmread(files[1])).Status == StoreStatus.OUT_OF_RESOURCES
+        held.release()
+        wait_for(lambda: len([r for r in associations(server) if r.ended_at]) == 2, 20, "two ended associations")
+        assert echoscu(server.port) != 0                      # refused at association time now
+        rows = ended(server, 3)
+        with server.recorder.sessions() as session:
+            stored = session.scalars(select(Instance.sop_instance_uid)).all()
+    assert [r.reason for r in rows if r.outcome == "rejected"] == [
+        "too many associations (network.max_associations)", "free disk below storage.free_space_reserve_mb"]
+    assert stored == [dcmread(files[0]).SOPInstanceUID]
+    assert not any(server.spool.root.rglob(f"{dcmread(files[1]).SOPInstanceUID}.dcm"))
+
+
+def test_aborted_association_is_quarantined_and_a_resend_restores_it(tmp_path: Path) -> None:
+    files = mr_series(tmp_path / "s", 2, 4)
+    with edge_server(make_settings(tmp_path)) as server:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="AD_NODE")
+        for path in files[:2]:
+            assert assoc.send_c_store(dcmread(path)).Status == StoreStatus.SUCCESS
+        assoc.abort()
+        [row] = ended(server, 1)
+        with server.recorder.sessions() as session:
+            instances = session.scalars(select(Instance)).all()
+            series = session.scalars(select(Series)).one()
+            study = session.scalars(select(Study)).one()
+        assert row.outcome == "aborted" and "2 instance(s) quarantined" in (row.reason or "")
+        assert all(i.quarantined for i in instances) and len(instances) == 2
+        assert all(Path(i.spool_path).is_relative_to(server.spool.quarantine) for i in instances)
+        assert all(Path(i.spool_path).exists() for i in instances)
+        assert not list(server.spool.root.rglob("*.dcm"))
+        assert series.instance_count == 0 and not study.needs_run
+        complete_quiet_series(server.recorder.sessions, 0)
+        assert create_runs(server.recorder.sessions) == []     # nothing kept: no run
+        result = storescu(server.port, files)                  # the scanner sends the series again
+        assert result.returncode == 0, result.stderr
+        with server.recorder.sessions() as session:
+            kept = session.scalars(select(Instance).where(Instance.quarantined.is_(False))).all()
+            assert len(kept) == 4 and session.scalars(select(Series)).one().instance_count == 4
+
+
+@pytest.mark.parametrize("policy", ["reject", "replace", "ignore_identical"])
+def test_duplicate_policy(tmp_path: Path, policy: str) -> None:
+    files = mr_series(tmp_path / "s", 3, 3)
+    settings = make_settings(tmp_path, **{"storage.duplicate_policy": policy})
+    with edge_server(settings) as server:
+        sessions = server.recorder.sessions
+        assert storescu(server.port, files).returncode == 0
+        complete_quiet_series(sessions, 0)
+        [first] = create_runs(sessions)
+        finish_run(sessions, first)
+        again = storescu(server.port, files)
+        changed = dcmread(files[0])
+        changed.SeriesDescription = "re-sent with a change"
+        changed_path = tmp_path / "changed.dcm"
+        changed.save_as(changed_path)
+        third = storescu(server.port, [changed_path])
+        complete_quiet_series(sessions, 0)
+        runs = create_runs(sessions)
+        with sessions() as session:
+            row = session.scalars(select(Instance).where(Instance.sop_instance_uid == changed.SOPInstanceUID)).one()
+            count = session.scalars(select(Series)).one().instance_count
+    output = again.stdout + again.stderr + third.stdout + third.stderr
+    assert count == 3
+    if policy == "reject":
+        assert output.count("Received Store Response (Unknown Status: 0x111)") == 2, output[-2000:]
+        assert runs == [] and row.sha256 != _sha(changed_path)
+        with sessions() as session:
+            statuses = session.scalars(select(Rejection.status)).all()
+        assert statuses == [StoreStatus.DUPLICATE_SOP_INSTANCE] * 2
+    else:
+        assert output.count("Received Store Response (Success)") == 4, output[-2000:]
+        assert row.sha256 == _sha(changed_path)
+        assert dcmread(row.spool_path).SeriesDescription == changed.SeriesDescription
+        assert len(runs) == 1  # only the changed instance makes a new run; the identical re-send made none
+        with sessions() as session:
+            assert session.get(Run, runs[0]).supersedes_run_id == first
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    from dicom_node.ingest import part10_bytes
+
+    ds = dcmread(path)
+    raw = path.read_bytes()
+    start = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    data = part10_bytes(raw[start:], ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID, "SCANNER")
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_resent_unchanged_series_makes_no_new_run(tmp_path: Path) -> None:
+    files = mr_series(tmp_path / "s", 4, 4)
+    with edge_server(make_settings(tmp_path)) as server:
+        sessions = server.recorder.sessions
+        assert storescu(server.port, files).returncode == 0
+        complete_quiet_series(sessions, 0)
+        [first] = create_runs(sessions)
+        finish_run(sessions, first)
+        assert storescu(server.port, files).returncode == 0
+        complete_quiet_series(sessions, 0)
+        assert create_runs(sessions) == []
+        with sessions() as session:
+            assert len(session.scalars(select(Run)).all()) == 1
+
+
+def test_eight_concurrent_storescu_senders_lose_nothing(tmp_path: Path) -> None:
+    batches = [mr_series(tmp_path / f"s{n}", n, 8) for n in range(8)]
+    with edge_server(make_settings(tmp_path, **{"network.max_associations": 8})) as server:
+        procs = [subprocess.Popen(
+            [require_tool("storescu"), "-aet", "SCANNER", "-aec", "AD_NODE", "127.0.0.1", str(server.port),
+             *map(str, batch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"TCP_NODELAY": "1"})
+            for batch in batches]
+        codes = [p.wait(timeout=120) for p in procs]
+        for p in procs:
+            p.communicate()
+        rows = ended(server, 8)
+        with server.recorder.sessions() as session:
+            recorded = set(session.scalars(select(Instance.sop_instance_uid)).all())
+            counts = sorted(session.scalars(select(Series.instance_count)).all())
+    sent = {dcmread(f, stop_before_pixels=True).SOPInstanceUID for batch in batches for f in batch}
+    assert codes == [0] * 8
+    assert recorded == sent and len(sent) == 64 and counts == [8] * 8
+    assert [r.outcome for r in rows] == ["released"] * 8 and sum(r.instances_stored for r in rows) == 64
+    assert all(Path(p).exists() for p in server.spool.root.rglob("*.dcm"))
+
+
+def test_lossy_input_is_recorded_or_refused_by_setting(tmp_path: Path) -> None:
+    files = mr_series(tmp_path / "s", 5, 3)
+    for path in files[-1:]:  # last: storescu stops at the first refusal
+        ds = dcmread(path)
+        ds.LossyImageCompression = "01"
+        ds.save_as(path)
+    with edge_server(make_settings(tmp_path / "a", **{"storage.accept_lossy": True})) as server:
+        assert storescu(server.port, files).returncode == 0
+        with server.recorder.sessions() as session:
+            lossy = {uid: flag for uid, flag in session.execute(select(Instance.sop_instance_uid, Instance.lossy))}
+    assert sorted(lossy.values()) == [False, False, True]
+    with edge_server(make_settings(tmp_path / "b", **{"storage.accept_lossy": False})) as server:
+        result = storescu(server.port, files)
+        with server.recorder.sessions() as session:
+            refusals = session.execute(select(Rejection.status, Rejection.reason)).all()
+            kept = session.scalars(select(Instance)).all()
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stdout + result.stderr, result.stderr
+    assert [tuple(r) for r in refusals] == [(StoreStatus.LOSSY_INPUT_REFUSED,
+                                             "lossy-compressed input refused (storage.accept_lossy is false)")]
+    assert len(kept) == 2
