@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils
 
-.PHONY: setup system-deps venv demo test lint bench-ingest bench-scaleout bench-preprocess bench-inference clean
+.PHONY: setup system-deps venv demo test lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos clean
 
 setup: system-deps venv
 
@@ -51,6 +51,9 @@ bench-ingest: setup
 
 bench-scaleout: setup
 	$(BIN)/python -m benchmarks.bench_scaleout
+
+chaos: setup
+	$(BIN)/python -m benchmarks.chaos
 
 bench-preprocess: setup
 	$(BIN)/python -m benchmarks.bench_preprocess

@@ -195,7 +195,12 @@ def complete_quiet_series(sessions: sessionmaker[Session], quiet_period_s: float
         with sessions() as session:
             paths = session.scalars(select(Instance.spool_path).where(
                 Instance.series_id == series_id, Instance.quarantined.is_(False))).all()
-        verdict = evaluate_series(_headers(paths))
+        try:
+            verdict = evaluate_series(_headers(paths))
+        except Exception as exc:  # noqa: BLE001 - untrusted headers must not stop completeness of other series
+            logger.warning("series row %d: geometry not checkable (%s); the run will judge it", series_id,
+                           type(exc).__name__)
+            verdict = Verdict(True, f"geometry not checkable ({type(exc).__name__})", None)
         values: dict[str, Any] = {"completeness": verdict.as_json(count), "expected_count": verdict.expected_count}
         if verdict.complete or timed_out:
             values.update(state=SeriesState.COMPLETE.value, completed_at=now)

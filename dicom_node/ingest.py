@@ -15,12 +15,15 @@ import re
 import shutil
 import struct
 import threading
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.charset import python_encoding
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -168,6 +171,72 @@ def _parse_da(value: object) -> date | None:
         return None
 
 
+#: Attributes our reports copy from the source: (keyword, maximum characters, kind).
+_COPIED: tuple[tuple[str, int, str], ...] = (
+    ("PatientName", 320, "PN"), ("PatientID", 64, "LO"), ("PatientBirthDate", 8, "DA"), ("PatientSex", 16, "CS"),
+    ("StudyDate", 8, "DA"), ("StudyTime", 16, "TM"), ("AccessionNumber", 16, "SH"), ("StudyID", 16, "SH"),
+    ("ReferringPhysicianName", 320, "PN"), ("StudyDescription", 64, "LO"), ("IssuerOfPatientID", 64, "LO"),
+)
+
+
+def check_copied_attributes(ds: Dataset) -> None:
+    """Refuse an instance whose patient/study attributes could not be copied into a report.
+
+    Reports file under the source's patient and study, so these values must
+    decode with a known character set, be single-valued and fit their VR.
+    Reasons name the attribute, never its value.
+
+    Raises
+    ------
+    RejectedInstance
+        With Cannot Understand, naming the attribute.
+    """
+    charsets = ds.get("SpecificCharacterSet")
+    values = [] if charsets is None else (list(charsets) if isinstance(charsets, MultiValue) else [charsets])
+    for value in values:
+        if str(value).strip() and str(value).strip() not in python_encoding:
+            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, "SpecificCharacterSet names an unknown character set")
+    for keyword, limit, kind in _COPIED:
+        try:
+            value = ds.get(keyword)
+        except Exception as exc:  # any decoding failure of untrusted bytes
+            raise RejectedInstance(
+                StoreStatus.CANNOT_UNDERSTAND, f"{keyword} cannot be decoded ({type(exc).__name__})"
+            ) from exc
+        if value is None or value == "":
+            continue
+        if isinstance(value, MultiValue):
+            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"{keyword} has more than one value")
+        text = str(value)
+        if len(text) > limit:
+            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"{keyword} is longer than its VR allows")
+        if kind == "DA" and _parse_da(text) is None:
+            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"{keyword} is not a valid date")
+
+
+#: A deflated data set may not inflate beyond this (a deflate bomb is refused before decoding).
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+
+
+def check_inflated_size(raw: bytes, limit: int = MAX_INFLATED_BYTES) -> None:
+    """Refuse a Deflated Explicit VR Little Endian data set that inflates past *limit*.
+
+    Raises
+    ------
+    RejectedInstance
+        With Out of Resources when the inflated size exceeds the limit.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    chunk = raw
+    while chunk:
+        total += len(inflater.decompress(chunk, 16 * 1024 * 1024))
+        if total > limit:
+            raise RejectedInstance(StoreStatus.OUT_OF_RESOURCES,
+                                   f"deflated data set inflates past {limit // (1024 * 1024)} MiB")
+        chunk = inflater.unconsumed_tail
+
+
 def identify(ds: Dataset, context_sop_class: str) -> InstanceIdentity:
     """Check the identifying attributes of *ds* and return them.
 
@@ -197,6 +266,7 @@ def identify(ds: Dataset, context_sop_class: str) -> InstanceIdentity:
     modality = str(ds.get("Modality", "") or "")
     if modality != "MR":
         raise RejectedInstance(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Modality is {modality!r}, not 'MR'")
+    check_copied_attributes(ds)
     number = ds.get("SeriesNumber")
     description = ds.get("SeriesDescription")
     return InstanceIdentity(

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -34,6 +35,7 @@ from dicom_node.ingest import (
     Recorder,
     RejectedInstance,
     Spool,
+    check_inflated_size,
     duplicate_decision,
     identify,
     is_lossy,
@@ -263,6 +265,8 @@ class StorageServer:
         storage = self.settings.storage
         try:
             try:
+                if ts_uid == DeflatedExplicitVRLittleEndian:
+                    check_inflated_size(event.request.DataSet.getvalue())
                 ds = event.dataset
                 ident = identify(ds, sop_class)
                 lossy = is_lossy(ds, ts_uid)

@@ -1,0 +1,1 @@
+"""Reliability and security harness: crashes, outages, hostile input and load against a running node."""
