@@ -7,17 +7,38 @@ import signal
 import threading
 from types import FrameType
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from dicom_node.db.session import open_database
+from dicom_node.executors import CeleryExecutor, LocalExecutor, RunExecutor
 from dicom_node.ingest import Recorder, Spool
+from dicom_node.notes_store import make_notes_source
 from dicom_node.processing import RunContext, process_run
 from dicom_node.scheduler import Scheduler
 from dicom_node.server import StorageServer
 from dicom_node.settings import Settings
 from model.inference import Predictor
+from pipeline.errors import NodeError
 from pipeline.preprocess import PreprocessConfig
 from pipeline.select import load_rules
 
 logger = logging.getLogger(__name__)
+
+
+def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> RunContext:
+    """Load the model and the rules: what :func:`~dicom_node.processing.process_run` needs.
+
+    Called once per process that processes runs (the node with the local
+    executor, each Celery worker process).
+    """
+    return RunContext(
+        settings=settings,
+        sessions=sessions,
+        predictor=Predictor.load(settings.model_path, device=settings.model.device),
+        rules=load_rules(settings.series_rules_path),
+        preprocess_config=PreprocessConfig(registration=settings.processing.registration),
+        notes=make_notes_source(settings.notes, sessions),
+    )
 
 
 class Node:
@@ -25,27 +46,39 @@ class Node:
 
     Everything heavy (database, model) is created here, at start-up, from the
     validated settings; a wrong model path stops start-up with a clear error.
+    With ``processing.executor = "celery"`` the node only receives, records,
+    enqueues and delivers: it loads no model, ``dicom-node worker`` processes.
+
+    Parameters
+    ----------
+    settings : Settings
+        Node settings.
+    queue : str, optional
+        Celery executor only: the queue runs are sent to (default ``dicom-node.runs``).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, queue: str | None = None) -> None:
         self.settings = settings
         for directory in (settings.spool_dir, settings.work_dir, settings.outbox_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self.db = open_database(settings.database_url)
-        self.predictor = Predictor.load(settings.model_path, device=settings.model.device)
-        self.context = RunContext(
-            settings=settings,
-            sessions=self.db.sessions,
-            predictor=self.predictor,
-            rules=load_rules(settings.series_rules_path),
-            preprocess_config=PreprocessConfig(registration=settings.processing.registration),
-        )
-        self.server = StorageServer(settings, Spool(settings.spool_dir), Recorder(self.db.sessions))
-        self.scheduler = Scheduler(settings, self.db.sessions, self.execute)
+        self.context: RunContext | None = None
+        self.predictor: Predictor | None = None
+        executor: RunExecutor
+        if settings.processing.executor == "celery":
+            executor = CeleryExecutor(settings, self.db.sessions, queue=queue)
+        else:
+            self.context = build_run_context(settings, self.db.sessions)
+            self.predictor = self.context.predictor
+            executor = LocalExecutor(self.execute, self.db.sessions, settings.processing.workers)
+        self.server = StorageServer(settings, Spool.from_settings(settings), Recorder(self.db.sessions))
+        self.scheduler = Scheduler(settings, self.db.sessions, executor)
         self._stopped = threading.Event()
 
     def execute(self, run_id: str) -> None:
         """Process one run (the function every executor calls)."""
+        if self.context is None:
+            raise NodeError("this node only receives (executor celery): runs are processed by `dicom-node worker`")
         process_run(run_id, self.context)
 
     def start(self) -> None:

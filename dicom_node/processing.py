@@ -22,26 +22,25 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import ClinicalNote as NoteRow
+from dicom_node.completeness import study_input_lossy
 from dicom_node.db.models import Delivery, DeliveryState, Instance, Run, RunState, Series, Study
+from dicom_node.edge_access import destinations_for
 from dicom_node.ingest import utcnow
+from dicom_node.notes_store import NodeNotes, NotesSource
+from dicom_node.reports import key_slices, run_identity, write_objects
 from dicom_node.settings import Settings
 from model.inference import Predictor
 from model.types import Prediction
 from pipeline.convert import convert_series
-from pipeline.errors import NodeError, NotAnalysed, Outcome
+from pipeline.errors import ConfigError, NodeError, NotAnalysed, Outcome
 from pipeline.notes import ClinicalNote, choose_notes, format_note_text
-from pipeline.preprocess import PreprocessConfig, preprocess
+from pipeline.preprocess import PreprocessConfig, Preprocessed, default_template_path, preprocess
 from pipeline.select import SelectionRules, SeriesCandidate, select_series
-from structured_reports.sr import build_sr
-from structured_reports.types import DeviceInfo, NotesUsed, ReportInput
-from structured_reports.uids import UidKind, derive_uid
-from structured_reports.validate import validate_dataset
+from structured_reports.types import DeviceInfo, KeySlice, NotesUsed, ReportInput
 
 logger = logging.getLogger(__name__)
 
 PREPROCESSING_VERSION = "1.0"
-SR_SERIES_NUMBER = 9001
 
 
 @dataclass
@@ -54,6 +53,7 @@ class RunContext:
     rules: SelectionRules
     preprocess_config: PreprocessConfig
     software_version: str = "0.1.0"
+    notes: NotesSource | None = None
 
 
 @dataclass
@@ -62,6 +62,7 @@ class _Progress:
 
     seconds: dict[str, float] = field(default_factory=dict)
     stamps: dict[str, Any] = field(default_factory=dict)
+    key_slices: list[KeySlice] = field(default_factory=list)
 
 
 @contextmanager
@@ -86,46 +87,42 @@ def _study_headers(session: Session, study_id: int) -> dict[str, list[tuple[Path
     rows = session.execute(
         select(Series.series_instance_uid, Instance.spool_path)
         .join(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id == study_id)
+        .where(Series.study_id == study_id, Instance.quarantined.is_(False))
         .order_by(Series.series_number, Instance.id)
     ).all()
     by_series: dict[str, list[tuple[Path, Dataset]]] = {}
     for series_uid, spool_path in rows:
         path = Path(spool_path)
-        by_series.setdefault(series_uid, []).append((path, dcmread(path, stop_before_pixels=True)))
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - one unreadable instance must not sink the study's run
+            logger.warning("instance %s left out of the run: header unreadable (%s)", path.stem, type(exc).__name__)
+            continue
+        by_series.setdefault(series_uid, []).append((path, header))
     return by_series
 
 
 def _input_hash(session: Session, series_uid: str) -> str:
     digests = session.scalars(
-        select(Instance.sha256).join(Series).where(Series.series_instance_uid == series_uid).order_by(Instance.sop_instance_uid)
+        select(Instance.sha256)
+        .join(Series)
+        .where(Series.series_instance_uid == series_uid)
+        .order_by(Instance.sop_instance_uid)
     ).all()
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
-def _notes_for(session: Session, study: Study, window_days: int) -> list[ClinicalNote]:
+def _notes_for(ctx: RunContext, study: Study) -> list[ClinicalNote]:
     if not study.patient_id:
         return []
-    rows = session.scalars(select(NoteRow).where(NoteRow.patient_id == study.patient_id)).all()
-    notes = [
-        ClinicalNote(
-            note_id=str(row.id),
-            patient_id=row.patient_id,
-            issuer_of_patient_id=row.issuer_of_patient_id,
-            accession_number=row.accession_number,
-            note_date=row.note_date,
-            note_type=row.note_type,
-            text=row.text,
-        )
-        for row in rows
-    ]
+    source = ctx.notes or NodeNotes(ctx.sessions)
     return choose_notes(
-        notes,
+        source.for_patient(study.patient_id),
         patient_id=study.patient_id,
         issuer=study.issuer_of_patient_id,
         study_date=study.study_date or date.today(),
         accession_number=study.accession_number,
-        window_days=window_days,
+        window_days=ctx.settings.processing.note_window_days,
     )
 
 
@@ -165,11 +162,12 @@ def _analyse(
         pre = preprocess(nifti, ctx.preprocess_config)
     progress.seconds.update({f"preprocess.{k}": round(v, 3) for k, v in pre.stage_seconds.items()})
     _update(sessions, run_id, preprocessed_at=progress.stamps["preprocessed_at"], qc=_json_floats(pre.qc))
+    progress.key_slices = _key_slices(ctx, run_id, pre)
     with _stage(progress, "notes_joined"), sessions() as session:
         study = session.scalar(select(Study).join(Run).where(Run.id == run_id))
         if study is None:
             raise NodeError(f"run {run_id} has no study")
-        notes = _notes_for(session, study, ctx.settings.processing.note_window_days)
+        notes = _notes_for(ctx, study)
     _update(
         sessions, run_id, notes_joined_at=progress.stamps["notes_joined_at"],
         notes_used=[{"id": n.note_id, "date": n.note_date.isoformat(), "type": n.note_type} for n in notes],
@@ -205,21 +203,26 @@ def process_run(run_id: str, ctx: RunContext) -> None:
     ctx : RunContext
         Settings, database and the loaded model.
     """
+    from dicom_node.executors import claim_run
+
     sessions = ctx.sessions
+    claim_run(sessions, run_id)  # atomic: queued -> running (ClaimRefusedError when ended or held elsewhere)
     with sessions.begin() as session:
         run = session.get(Run, run_id)
         if run is None:
             raise NodeError(f"no run {run_id}")
-        run.state = RunState.RUNNING.value
-        run.started_at = utcnow()
-        run.attempts += 1
         study = session.get(Study, run.study_id)
         if study is None:
             raise NodeError(f"run {run_id} has no study")
         study_uid = study.study_instance_uid
         created_at = run.created_at
-        sequence = session.scalar(select(func.count(Run.id)).where(Run.study_id == run.study_id, Run.created_at <= run.created_at)) or 1
+        sequence = session.scalar(
+            select(func.count(Run.id)).where(Run.study_id == run.study_id, Run.created_at <= run.created_at)
+        ) or 1
         by_series = _study_headers(session, run.study_id)
+        # Edge (completeness): a run created for a study with a series closed incomplete is not analysed.
+        incomplete = run.error_reason if run.outcome == Outcome.INCOMPLETE_SERIES.value else None
+        run.input_lossy = study_input_lossy(session, run.study_id)
     logger.info("run %s started for study %s", run_id, study_uid)
     progress = _Progress()
     prediction: Prediction | None = None
@@ -228,6 +231,8 @@ def process_run(run_id: str, ctx: RunContext) -> None:
     notes_used = NotesUsed()
     state = RunState.SUCCEEDED
     try:
+        if incomplete:
+            raise NotAnalysed(Outcome.INCOMPLETE_SERIES, incomplete)
         chosen, prediction, notes_used = _analyse(ctx, run_id, by_series, progress)
     except NotAnalysed as exc:
         not_analysed, state = (exc.outcome, exc.reason), RunState.NOT_ANALYSED
@@ -235,7 +240,7 @@ def process_run(run_id: str, ctx: RunContext) -> None:
             _update(sessions, run_id, selection=[_decision_json(d) for d in exc.decisions])  # type: ignore[attr-defined]
     except NodeError as exc:
         not_analysed, state = (Outcome.PROCESSING_ERROR, f"processing error: {exc}"), RunState.NOT_ANALYSED
-    except Exception as exc:  # noqa: BLE001 - a bug must still give the radiologist an answer
+    except Exception as exc:  # a bug must still give the radiologist an answer (logged with its traceback)
         logger.exception("run %s failed unexpectedly", run_id)
         not_analysed = (Outcome.PROCESSING_ERROR, f"processing error ({type(exc).__name__})")
         state = RunState.NOT_ANALYSED
@@ -257,13 +262,10 @@ def _finish(
     progress: _Progress,
     state: RunState,
 ) -> None:
-    """Build, validate and queue the report; record the outcome."""
+    """Build, validate and queue the SR and the PDF; record the outcome."""
     sessions = ctx.sessions
     info = ctx.predictor.info
     sources = [ds for _, ds in by_series[chosen]] if chosen else [ds for items in by_series.values() for _, ds in items]
-    with sessions() as session:
-        input_hash = _input_hash(session, chosen) if chosen else hashlib.sha256(
-            "".join(sorted(by_series)).encode()).hexdigest()
     report = ReportInput(
         run_id=run_id,
         device=_device(ctx),
@@ -273,37 +275,29 @@ def _finish(
         prediction=prediction,
         not_analysed=not_analysed,
     )
-    identity = (study_uid, chosen or "no series selected", input_hash, info.weights_sha256)
-    error: str | None = None
-    outbox = ctx.settings.outbox_dir / run_id
-    with _stage(progress, "report_built"):
-        sr = build_sr(
-            sources,
-            report,
-            series_instance_uid=str(derive_uid(*identity, UidKind.SR_SERIES)),
-            sop_instance_uid=str(derive_uid(*identity, UidKind.SR_INSTANCE)),
-            series_number=SR_SERIES_NUMBER,
-            instance_number=sequence,
-            content_datetime=created_at,
-        )
-        outbox.mkdir(parents=True, exist_ok=True)
-        validation = validate_dataset(sr, outbox)
-    sr_path = outbox / "sr.dcm"
-    if validation.ok:
-        sr.save_as(sr_path, enforce_file_format=True)
-    else:
-        error = "report failed DICOM validation: " + "; ".join(validation.errors[:10])
-        state = RunState.FAILED
-        logger.error("run %s: report failed validation (%d errors)", run_id, len(validation.errors))
+    with _stage(progress, "report_built"), sessions() as session:
+        input_hash = _input_hash(session, chosen) if chosen else hashlib.sha256(
+            "".join(sorted(by_series)).encode()).hexdigest()
+        run_row = session.get(Run, run_id)
+        notes_rows = (run_row.notes_used or []) if run_row is not None and prediction is not None else []
+        identity = run_identity(study_uid, chosen, input_hash, info.weights_sha256, notes=notes_rows,
+                                outcome=not_analysed[0].value if not_analysed is not None else None)
+        written = write_objects(ctx.settings, session, run_id, sources, report, identity,
+                                instance_number=sequence, content_datetime=created_at, slices=progress.key_slices)
+        destinations, routing_error = _destinations(ctx, session, run_id)
+    by_kind = {obj.kind: obj for obj in written}
+    invalid = [obj for obj in written if not obj.ok]
     values: dict[str, Any] = {
-        "state": state.value,
+        "state": (RunState.FAILED if invalid or routing_error else state).value,
         "finished_at": utcnow(),
         "report_built_at": progress.stamps.get("report_built_at"),
         "stage_seconds": progress.seconds,
         "model_name": info.name,
         "model_version": info.version,
         "model_weights_sha256": info.weights_sha256,
-        "report_sop_instance_uid": str(sr.SOPInstanceUID) if validation.ok else None,
+        "report_sop_instance_uid": by_kind["sr"].sop_instance_uid if by_kind["sr"].ok else None,
+        "pdf_sop_instance_uid": by_kind["pdf"].sop_instance_uid if by_kind["pdf"].ok else None,
+        "validation_messages": [obj.record() for obj in written],
     }
     if prediction is not None:
         probs = prediction.probabilities
@@ -311,20 +305,55 @@ def _finish(
                       predicted_class=prediction.predicted_class, used_note=prediction.used_note)
     if not_analysed is not None:
         values.update(outcome=not_analysed[0].value, error_reason=not_analysed[1])
-    if error is not None:
-        values.update(outcome=Outcome.PROCESSING_ERROR.value, error_reason=error)
+    if invalid:
+        values["error_reason"] = "; ".join(
+            f"{obj.kind} failed DICOM validation, not sent: " + "; ".join(obj.errors[:5]) for obj in invalid)
+        if not by_kind["sr"].ok:
+            values["outcome"] = Outcome.PROCESSING_ERROR.value
+    if routing_error is not None:
+        values["error_reason"] = "; ".join(filter(None, [values.get("error_reason"), routing_error]))
     with sessions.begin() as session:
         run = session.get(Run, run_id)
         if run is None:
             raise NodeError(f"run {run_id} disappeared")
         for key, value in values.items():
             setattr(run, key, value)
-        if validation.ok:
-            now = utcnow()
-            for dest in ctx.settings.destinations:
-                session.add(Delivery(run_id=run_id, destination=dest.name, sop_instance_uid=str(sr.SOPInstanceUID),
-                                     object_path=str(sr_path), created_at=now, next_attempt_at=now,
-                                     state=DeliveryState.PENDING.value, attempts=0))
+        now = utcnow()
+        for dest_name, kinds in destinations:
+            for kind in kinds:
+                obj = by_kind.get(kind)
+                if obj is None or obj.path is None:
+                    continue
+                session.add(Delivery(run_id=run_id, destination=dest_name, sop_instance_uid=obj.sop_instance_uid,
+                                     object_path=str(obj.path), object_kind=kind, created_at=now,
+                                     next_attempt_at=now, state=DeliveryState.PENDING.value, attempts=0))
     shutil.rmtree(ctx.settings.work_dir / run_id, ignore_errors=True)
     logger.info("run %s finished: %s", run_id, values.get("predicted_class") or values.get("outcome"))
+
+
+def _destinations(ctx: RunContext, session: Session, run_id: str) -> tuple[list[tuple[str, tuple[str, ...]]],
+                                                                           str | None]:
+    """(destination name, object kinds) of each destination of this run's study, or an error.
+
+    The study's called AE title picks the destinations (``network.profiles``); a profile
+    naming an unknown destination sends nothing and the run says why.
+    """
+    called = session.scalar(select(Study.called_ae_title).join(Run).where(Run.id == run_id))
+    try:
+        chosen = destinations_for(ctx.settings, called)
+    except ConfigError as exc:
+        logger.error("run %s: no delivery, destinations misconfigured: %s", run_id, exc)
+        return [], f"not sent: {exc}"
+    return [(dest.name, tuple(dest.objects)) for dest in chosen], None
+
+
+def _key_slices(ctx: RunContext, run_id: str, pre: Preprocessed) -> list[KeySlice]:
+    """Key slices with the template outline for the PDF; none (and a warning) if they cannot be made."""
+    if pre.registered is None:
+        return []
+    try:
+        return key_slices(pre.registered, ctx.preprocess_config.template_path or default_template_path())
+    except (NodeError, OSError, ValueError) as exc:
+        logger.warning("run %s: no key slices for the PDF (%s)", run_id, type(exc).__name__)
+        return []
 
