@@ -85,5 +85,5 @@ def test_node_notes_are_the_default(settings: Settings, database: Database) -> N
 
 
 def test_external_source_needs_a_url() -> None:
-    with pytest.raises(ConfigError, match="notes.url is required"):
+    with pytest.raises(ConfigError, match=r"notes\.url is required"):
         load_settings(environ={"DICOM_NODE_NOTES__SOURCE": "external"})

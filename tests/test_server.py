@@ -118,7 +118,8 @@ def test_corrupt_dataset_gets_failure_status_and_reason(
     with open(path, "wb") as fh:
         fh.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(fh, meta, enforce_standard=True)
-        for tag, value in ((b"\x08\x00\x16\x00", MRImageStorage), (b"\x08\x00\x18\x00", meta.MediaStorageSOPInstanceUID),
+        for tag, value in ((b"\x08\x00\x16\x00", MRImageStorage),
+                           (b"\x08\x00\x18\x00", meta.MediaStorageSOPInstanceUID),
                            (b"\x08\x00\x60\x00", "MR")):
             encoded = value.encode() + (b"\x00" if len(value) % 2 else b"")
             fh.write(tag + b"UI" + len(encoded).to_bytes(2, "little") + encoded)

@@ -18,7 +18,8 @@ from dicom_node.db.session import Database, open_database
 from dicom_node.localpacs import LocalOrthanc, wait_for
 from tests.chaos.fuzz import generate
 from tests.chaos.node_process import NodeProcess, echo_ok
-from tests.chaos.traffic import Ledger, Study as SentStudy, make_study, send_files, send_until_acked
+from tests.chaos.traffic import Ledger, make_study, send_files, send_until_acked
+from tests.chaos.traffic import Study as SentStudy
 
 FINISHED = (RunState.SUCCEEDED.value, RunState.NOT_ANALYSED.value, RunState.FAILED.value)
 _SPOOL_FILE = re.compile(r"^spool/[0-9.]+/[0-9.]+/[0-9.]+\.dcm$")
@@ -129,7 +130,7 @@ def crash_safety(root: Path, pacs: LocalOrthanc, model: Path, *, kills: int, t1_
         while not stop.is_set():
             study = make_study(root / "crash-studies", 1000 + index, "t1" if index % t1_every == 0 else "quick")
             studies.append(study)
-            send_until_acked(node.port, study, ledger, stop, alive)
+            send_until_acked(node.port, study, ledger, threading.Event(), alive)  # a study is always finished
             index += 1
 
     thread = threading.Thread(target=sender, daemon=True)
@@ -219,7 +220,8 @@ def hostile_input(root: Path, pacs: LocalOrthanc, model: Path, *, count: int, se
     if node.peak_rss_kb // 1024 > memory_limit_mb:
         findings.problems.append(f"peak memory {node.peak_rss_kb // 1024} MB above {memory_limit_mb} MB")
     findings.figures.update({"malformed inputs tried": count, "answers": dict(statuses),
-                             "families": dict(families), "no response by family": dict(no_response), "crashes": node.starts - 1,
+                             "families": dict(families),
+                             "no response by family": dict(no_response), "crashes": node.starts - 1,
                              "good instances during fuzzing": len(good.acked),
                              "peak memory (MB)": node.peak_rss_kb // 1024})
     node.stop()
@@ -245,9 +247,8 @@ def load(root: Path, pacs: LocalOrthanc, model: Path, *, senders: int, duration_
                 index = next(counter)
             study = make_study(root / "load-studies", 20000 + index, "t1" if index % t1_every == t1_every - 1
                                else "quick")
-            send_until_acked(node.port, study, ledger, stop)
-            if not stop.is_set():
-                studies.append(study)
+            send_until_acked(node.port, study, ledger, threading.Event())  # a study is always finished
+            studies.append(study)
 
     def watcher() -> None:
         pause = threading.Event()
