@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils
 
-.PHONY: setup system-deps venv demo test lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos clean
+.PHONY: setup system-deps venv demo test lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos demo-model clean
 
 setup: system-deps venv
 
@@ -51,6 +51,12 @@ bench-ingest: setup
 
 bench-scaleout: setup
 	$(BIN)/python -m benchmarks.bench_scaleout
+
+# The committed demonstration model (model/demo/): a synthetic cohort, then the project's own train command.
+demo-model: setup
+	$(BIN)/dicom-node synth cohort --out var/cohort64 --subjects 240 --size 64 --seed 1
+	$(BIN)/dicom-node train var/cohort64/manifest.csv --out var/runs/demo --inputs mri+note --epochs 20 \
+	    --lr-head 1e-2 --seed 0 --no-progress --export-demo model/demo
 
 chaos: setup
 	$(BIN)/python -m benchmarks.chaos

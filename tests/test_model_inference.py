@@ -21,7 +21,7 @@ NOTE = "Daughter reports progressive forgetfulness over two years; independent i
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_demo_model(tmp_path_factory.mktemp("demo") / "model", seed=0)
+    return init_demo_model(tmp_path_factory.mktemp("demo") / "model", seed=0, trained=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,130 @@
+"""``dicom-node train``, ``dicom-node evaluate`` and ``dicom-node synth cohort``.
+
+Listed in :data:`dicom_node.cli.EXTENSIONS`; torch and the model code are imported
+only when one of these commands runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from dicom_node.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``train``, ``evaluate`` and ``synth cohort`` sub-commands.
+
+    Parameters
+    ----------
+    sub : argparse._SubParsersAction
+        The top-level sub-command set.
+    common : argparse.ArgumentParser
+        Parent parser with the common flags (``--device`` among them).
+    """
+    train = sub.add_parser("train", parents=[common], help="train the Brain-Adapter on a manifest of volumes and notes")
+    train.add_argument("manifest", type=Path, help="CSV: subject_id, volume (.npy), note, label")
+    train.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, adapter file, run.json)")
+    train.add_argument("--inputs", choices=["mri", "note", "mri+note"], default="mri+note")
+    train.add_argument("--preset", choices=["FPM", "TLP", "BRAIN_ADAPTER"], default="BRAIN_ADAPTER")
+    train.add_argument("--base", type=Path, help="base model directory (default: seeded demonstration base)")
+    train.add_argument("--base-seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=9)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr-adapter", type=float, default=1e-3)
+    train.add_argument("--lr-projection", type=float, default=1e-4)
+    train.add_argument("--lr-head", type=float, default=1e-3)
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--test-fraction", type=float, default=0.3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--activation-checkpointing", action="store_true")
+    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bfloat16 autocast (default: on for CUDA, off on CPU)")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--export-demo", type=Path, help="after training, write the demonstration model's files here")
+
+    evaluate = sub.add_parser("evaluate", parents=[common], help="evaluate trained runs side by side")
+    evaluate.add_argument("runs", type=Path, nargs="+", help="run folders written by `dicom-node train`")
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for confusion.png, tsne.png, metrics.json")
+    evaluate.add_argument("--manifest", type=Path, help="evaluate on this manifest (default: each run's test subjects)")
+    evaluate.add_argument("--names", nargs="+", help="column names, one per run")
+
+    synth = sub.add_parser("synth", help="synthetic data").add_subparsers(dest="synth_command", required=True)
+    cohort = synth.add_parser("cohort", parents=[common], help="an ADNI-like synthetic cohort for training")
+    cohort.add_argument("--out", type=Path, required=True)
+    cohort.add_argument("--subjects", type=int, default=200)
+    cohort.add_argument("--size", type=int, default=64, help="volume edge (divides 256)")
+    cohort.add_argument("--seed", type=int, default=0)
+    cohort.add_argument("--reference", choices=["mni152", "colin27"], default="mni152")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model.train import TrainConfig, export_demo, train
+
+    config = TrainConfig(
+        manifest=str(args.manifest), out_dir=str(args.out), inputs=args.inputs, preset=args.preset,
+        base=str(args.base) if args.base else "", base_seed=args.base_seed, epochs=args.epochs,
+        batch_size=args.batch_size, lr_adapter=args.lr_adapter, lr_projection=args.lr_projection,
+        lr_head=args.lr_head, weight_decay=args.weight_decay, test_fraction=args.test_fraction, seed=args.seed,
+        activation_checkpointing=args.activation_checkpointing, bf16=args.bf16, device=args.device or "cpu",
+        max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress,
+    )
+    run = train(config)
+    print(f"run written to {run}")
+    if args.export_demo:
+        out = export_demo(run, args.export_demo, command=shlex.join(["dicom-node", *sys.argv[1:]]))
+        print(f"demonstration model files written to {out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from model.evaluate import evaluate_runs
+
+    if args.names and len(args.names) != len(args.runs):
+        print("dicom-node: error: --names needs one name per run", file=sys.stderr)
+        return 2
+    table, _ = evaluate_runs(args.runs, args.out, manifest=args.manifest, names=args.names)
+    print(table)
+    print(f"\nconfusion matrix: {args.out / 'confusion.png'}\nt-SNE: {args.out / 'tsne.png'}")
+    return 0
+
+
+def _synth_cohort(args: argparse.Namespace) -> int:
+    from model.cohort import CohortConfig, generate_cohort
+
+    manifest = generate_cohort(args.out, CohortConfig(n_subjects=args.subjects, size=args.size, seed=args.seed,
+                                                      reference=args.reference))
+    print(f"cohort manifest: {manifest}")
+    return 0
+
+
+def dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
+    """Run one of this module's commands; None when the command is not ours.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments.
+    settings : Settings
+        Node settings (unused: these commands work on files).
+
+    Returns
+    -------
+    int or None
+        Exit status, or None.
+    """
+    if args.command == "train":
+        return _train(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "synth" and getattr(args, "synth_command", None) == "cohort":
+        return _synth_cohort(args)
+    return None

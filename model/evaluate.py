@@ -1,0 +1,331 @@
+"""Evaluation of trained runs (``dicom-node evaluate``): the paper's table and two figures.
+
+For each run the model is rebuilt from its base, the run's trained tensors are
+loaded (refused unless the base weights' SHA-256 matches) and the run's held-out
+subjects (or another manifest) are classified.  Output: precision, sensitivity
+(recall) and F1 for AD, CN and MCI with macro and weighted averages, one column
+group per run; a confusion-matrix PNG and a t-SNE PNG of the embeddings the
+classifier sees (image embedding, or image and text embeddings concatenated),
+coloured by true class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.brain_adapter import BrainAdapter, Preset
+from model.dataset import Sample, load_volumes, read_manifest, subject_split
+from model.demo import BaseSpec, build_base
+from model.errors import ModelInputError
+from model.finetune import load_adapter_file
+from model.types import CLASSES
+
+logger = logging.getLogger(__name__)
+
+#: Row order of the paper's table.
+TABLE_CLASSES = ("AD", "CN", "MCI")
+
+
+@dataclass
+class Predictions:
+    """Model outputs over a set of scans.
+
+    Parameters
+    ----------
+    predicted : numpy.ndarray
+        (N,) class indices.
+    probabilities : numpy.ndarray
+        (N, n_classes).
+    embeddings : numpy.ndarray
+        (N, E): what the deciding head sees.
+    """
+
+    predicted: np.ndarray
+    probabilities: np.ndarray
+    embeddings: np.ndarray
+
+
+def predict(model: BrainAdapter, volumes: torch.Tensor, text_hidden: torch.Tensor | None,
+            batch_size: int = 8) -> Predictions:
+    """Classify volumes (and notes, as precomputed text-tower states) in batches.
+
+    Parameters
+    ----------
+    model : BrainAdapter
+        The model.
+    volumes : torch.Tensor
+        (N, 1, D, H, W), any float dtype.
+    text_hidden : torch.Tensor or None
+        (N, hidden) from :meth:`BrainAdapter.text_hidden`; None: image only.
+    batch_size : int
+        Batch size.
+
+    Returns
+    -------
+    Predictions
+        Classes, probabilities and embeddings.
+    """
+    device = next(model.parameters()).device
+    preds, probs, embeds = [], [], []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, volumes.shape[0], batch_size):
+            x = volumes[start:start + batch_size].to(device=device, dtype=torch.float32)
+            kwargs = {} if text_hidden is None else {"text_hidden": text_hidden[start:start + batch_size].to(device)}
+            out = model(x, **kwargs)
+            p = torch.softmax(out.logits.float(), dim=-1)
+            probs.append(p.cpu())
+            preds.append(p.argmax(dim=-1).cpu())
+            emb = out.image_embeds if out.text_embeds is None else torch.cat([out.image_embeds, out.text_embeds], -1)
+            embeds.append(emb.float().cpu())
+    return Predictions(torch.cat(preds).numpy(), torch.cat(probs).numpy(), torch.cat(embeds).numpy())
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, Any]:
+    """Per-class precision, sensitivity (recall), F1 and support; macro and weighted averages.
+
+    Parameters
+    ----------
+    y_true, y_pred : sequence of int
+        Class indices into :data:`model.types.CLASSES`.
+
+    Returns
+    -------
+    dict
+        ``{"AD": {...}, "MCI": {...}, "CN": {...}, "macro avg": {...},
+        "weighted avg": {...}, "accuracy": float, "n": int}``; each inner dict has
+        ``precision``, ``sensitivity``, ``f1`` and ``support``.
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = list(range(len(CLASSES)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    out: dict[str, Any] = {
+        name: {"precision": float(p[i]), "sensitivity": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, name in enumerate(CLASSES)
+    }
+    for avg in ("macro", "weighted"):
+        pa, ra, fa, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg,
+                                                        zero_division=0)
+        out[f"{avg} avg"] = {"precision": float(pa), "sensitivity": float(ra), "f1": float(fa),
+                             "support": len(y_true)}
+    out["accuracy"] = float(np.mean(np.asarray(y_true) == np.asarray(y_pred))) if len(y_true) else 0.0
+    out["n"] = len(y_true)
+    return out
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """The paper's table, one column group (PRE, SEN, F1) per run.
+
+    Parameters
+    ----------
+    results : dict
+        Run name to :func:`classification_metrics` output.
+
+    Returns
+    -------
+    str
+        A Markdown table.
+    """
+    names = list(results)
+    header = "| class | " + " | ".join(f"{n} PRE | {n} SEN | {n} F1" for n in names) + " |"
+    rule = "|---|" + "---:|" * (3 * len(names))
+    lines = [header, rule]
+    for row in (*TABLE_CLASSES, "macro avg", "weighted avg"):
+        cells = []
+        for n in names:
+            m = results[n][row]
+            cells += [f"{m['precision']:.2f}", f"{m['sensitivity']:.2f}", f"{m['f1']:.2f}"]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("| accuracy (n) | " + " | ".join(
+        f"{results[n]['accuracy']:.2f} (n={results[n]['n']}) | | " for n in names) + " |")
+    return "\n".join(lines)
+
+
+def plot_confusion(named: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """Confusion matrices (rows: true class, columns: predicted), one panel per run.
+
+    Parameters
+    ----------
+    named : dict
+        Run name to ``(y_true, y_pred)``.
+    path : Path
+        PNG file.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    order = [CLASSES.index(c) for c in TABLE_CLASSES]
+    fig, axes = plt.subplots(1, len(named), figsize=(4.2 * len(named), 4), squeeze=False)
+    for ax, (name, (y_true, y_pred)) in zip(axes[0], named.items(), strict=True):
+        cm = confusion_matrix(y_true, y_pred, labels=order)
+        ax.imshow(cm, cmap="Blues")
+        for i in range(3):
+            for j in range(3):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.set_xticks(range(3), TABLE_CLASSES)
+        ax.set_yticks(range(3), TABLE_CLASSES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_tsne(named: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, seed: int = 0) -> Path:
+    """t-SNE of the embeddings, coloured by true class, one panel per run.
+
+    Parameters
+    ----------
+    named : dict
+        Run name to ``(embeddings (N, E), y_true (N,))``.
+    path : Path
+        PNG file.
+    seed : int
+        t-SNE seed.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    colours = {"AD": "tab:red", "CN": "tab:green", "MCI": "tab:orange"}
+    fig, axes = plt.subplots(1, len(named), figsize=(4.5 * len(named), 4.2), squeeze=False)
+    for ax, (name, (emb, y_true)) in zip(axes[0], named.items(), strict=True):
+        n = emb.shape[0]
+        xy = TSNE(n_components=2, perplexity=float(max(2, min(30, (n - 1) // 3))), random_state=seed,
+                  init="pca").fit_transform(emb.astype(np.float64)) if n > 3 else np.zeros((n, 2))
+        for c in TABLE_CLASSES:
+            sel = np.asarray(y_true) == CLASSES.index(c)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=12, c=colours[c], label=c, alpha=0.8)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def load_run(run_dir: Path) -> tuple[BrainAdapter, dict[str, Any]]:
+    """Rebuild a run's model: its base plus its trained tensors.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Run folder written by :func:`model.train.train`.
+
+    Returns
+    -------
+    tuple
+        ``(model, summary)``, the model in eval mode.
+
+    Raises
+    ------
+    ModelInputError
+        When the folder is not a run.
+    ModelLoadError
+        When the trained tensors do not belong to the rebuilt base.
+    """
+    summary_path = Path(run_dir) / "run.json"
+    if not summary_path.is_file():
+        raise ModelInputError(f"not a training run (no run.json): {run_dir}")
+    summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+    model, digest = build_base(BaseSpec.from_dict(summary["base"]))
+    model.config = replace(model.config, preset=Preset(summary["config"]["preset"]))
+    model.apply_preset()
+    load_adapter_file(model, Path(run_dir) / "adapter.safetensors", base_weights_sha256=digest)
+    return model.eval(), summary
+
+
+def _rows(summary: dict[str, Any], manifest: Path | None) -> tuple[list[Sample], list[int]]:
+    """The scans to evaluate: a given manifest in full, or the run's own test subjects."""
+    if manifest is not None:
+        samples = read_manifest(manifest)
+        return samples, list(range(len(samples)))
+    config = summary["config"]
+    samples = read_manifest(Path(config["manifest"]))
+    _, test = subject_split(samples, config["test_fraction"], config["seed"])
+    wanted = set(summary["split"]["test_subjects"])
+    if {samples[i].subject_id for i in test} != wanted:
+        raise ModelInputError("the run's manifest changed since training; pass --manifest explicitly")
+    return samples, test
+
+
+def evaluate_runs(run_dirs: Sequence[Path], out_dir: Path, *, manifest: Path | None = None,
+                  names: Sequence[str] | None = None, batch_size: int = 8) -> tuple[str, dict[str, Any]]:
+    """Evaluate runs side by side; write ``confusion.png``, ``tsne.png`` and ``metrics.json``.
+
+    Parameters
+    ----------
+    run_dirs : sequence of Path
+        Run folders.
+    out_dir : Path
+        Where the figures and the metrics go.
+    manifest : Path, optional
+        Evaluate on this whole manifest instead of each run's held-out subjects.
+    names : sequence of str, optional
+        Column names (default: ``inputs`` of each run, else the folder name).
+    batch_size : int
+        Batch size.
+
+    Returns
+    -------
+    tuple
+        The Markdown table and the metrics by run name.
+    """
+    from model.train import text_hidden_cache
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    confusion: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    tsne: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for k, run_dir in enumerate(run_dirs):
+        model, summary = load_run(Path(run_dir))
+        name = names[k] if names else f"{summary['config']['inputs']}"
+        if name in results:
+            name = f"{name} ({Path(run_dir).name})"
+        samples, idx = _rows(summary, manifest)
+        chosen = [samples[i] for i in idx]
+        volumes = load_volumes(chosen, model.config.input_size)
+        inputs = summary["config"]["inputs"]
+        if inputs == "note":
+            volumes.zero_()
+        text = text_hidden_cache(model, chosen) if inputs != "mri" else None
+        pred = predict(model, volumes, text, batch_size)
+        y_true = np.array([s.label for s in chosen])
+        results[name] = classification_metrics(y_true.tolist(), pred.predicted.tolist())
+        confusion[name] = (y_true, pred.predicted)
+        tsne[name] = (pred.embeddings, y_true)
+        logger.info("evaluated %s on %d scans: macro F1 %.3f", name, len(chosen), results[name]["macro avg"]["f1"])
+    plot_confusion(confusion, out_dir / "confusion.png")
+    plot_tsne(tsne, out_dir / "tsne.png")
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return format_table(results), results

@@ -1,0 +1,388 @@
+"""Training of the Brain-Adapter's trainable parts (``dicom-node train``).
+
+One run: read a manifest, split it by subject (70/30 by default, stratified),
+build the base (a model directory or the seeded demonstration base), train the
+preset's trainable parts with AdamW and the paper's per-group learning rates
+(adapter 1e-3, projections 1e-4; heads 1e-3, our choice), evaluate on the test
+part and write, in the run folder::
+
+    checkpoint.pt        trainable tensors, optimizer and position (resume)
+    adapter.safetensors  trained tensors + SHA-256 of the base weights
+    run.json             summary: configuration, base, split, history, test metrics
+
+The frozen text tower's first-token state is computed once per note and reused
+(it is frozen in every preset, so this changes nothing but time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.brain_adapter import BrainAdapter, Preset
+from model.dataset import Sample, batches, load_volumes, manifest_sha256, read_manifest, subject_split
+from model.demo import DEMO_ADAPTER_FILE, DEMO_INFO_FILE, BaseSpec, build_base
+from model.errors import ModelInputError
+from model.evaluate import classification_metrics, predict
+from model.finetune import save_adapter_file, trainable_state
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+ADAPTER_FILE = "adapter.safetensors"
+SUMMARY_FILE = "run.json"
+PROJECTIONS = ("mm_vision_proj", "mm_language_proj", "logit_scale")
+HEADS = ("image_head", "fusion_head")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run.
+
+    Parameters
+    ----------
+    manifest : str
+        Manifest CSV (see :mod:`model.dataset`).
+    out_dir : str
+        Run folder.
+    inputs : {"mri", "note", "mri+note"}
+        What enters the model ("note": the MRI replaced by an empty volume).
+    preset : str
+        FPM, TLP or BRAIN_ADAPTER.
+    base : str
+        Base model directory; empty: the seeded demonstration base at the cohort's size.
+    base_seed : int
+        Seed of the demonstration base.
+    epochs, batch_size : int
+        Epochs and batch size.
+    lr_adapter, lr_projection, lr_head : float
+        AdamW learning rate of each parameter group.
+    weight_decay : float
+        AdamW weight decay.
+    test_fraction : float
+        Fraction of subjects held out.
+    seed : int
+        Seed of the split, the shuffles and the training randomness.
+    activation_checkpointing : bool
+        Recompute the ViT's block activations in the backward pass (memory).
+    bf16 : bool or None
+        bfloat16 autocast; None: on for CUDA, off on CPU.
+    device : str
+        Torch device.
+    max_steps : int or None
+        Stop (with a checkpoint) after this many optimizer steps in total.
+    resume : bool
+        Continue from the run folder's checkpoint.
+    progress : bool
+        Show progress bars (stderr).
+    data_init : bool or None
+        Standardise the projections on training data first (:func:`data_dependent_init`);
+        None: only for the seeded demonstration base.
+    """
+
+    manifest: str
+    out_dir: str
+    inputs: str = "mri+note"
+    preset: str = Preset.BRAIN_ADAPTER.value
+    base: str = ""
+    base_seed: int = 0
+    epochs: int = 9
+    batch_size: int = 8
+    lr_adapter: float = 1e-3
+    lr_projection: float = 1e-4
+    lr_head: float = 1e-3
+    weight_decay: float = 0.01
+    test_fraction: float = 0.3
+    seed: int = 0
+    activation_checkpointing: bool = False
+    bf16: bool | None = None
+    device: str = "cpu"
+    max_steps: int | None = None
+    resume: bool = False
+    progress: bool = True
+    data_init: bool | None = None
+
+    def __post_init__(self) -> None:
+        """Validate.
+
+        Raises
+        ------
+        ModelInputError
+            On an unknown input mode or preset, or non-positive sizes.
+        """
+        if self.inputs not in ("mri", "note", "mri+note"):
+            raise ModelInputError(f"inputs must be mri, note or mri+note, got {self.inputs!r}")
+        if self.preset not in {p.value for p in Preset}:
+            raise ModelInputError(f"preset must be one of {[p.value for p in Preset]}, got {self.preset!r}")
+        if self.epochs <= 0 or self.batch_size <= 0:
+            raise ModelInputError("epochs and batch_size must be positive")
+
+
+def base_spec(config: TrainConfig, size: int) -> BaseSpec:
+    """The base a run starts from (see :class:`TrainConfig`)."""
+    if config.base:
+        return BaseSpec(kind="dir", path=str(Path(config.base).resolve()))
+    return BaseSpec(kind="demo", size=size, seed=config.base_seed, use_note=config.inputs != "mri")
+
+
+def prepare_model(spec: BaseSpec, preset: str, inputs: str) -> tuple[BrainAdapter, str]:
+    """Build the base and set the preset; check the base suits the inputs.
+
+    Parameters
+    ----------
+    spec : BaseSpec
+        The base.
+    preset : str
+        Preset to train.
+    inputs : str
+        Input mode.
+
+    Returns
+    -------
+    tuple
+        ``(model, base_weights_sha256)``.
+
+    Raises
+    ------
+    ModelInputError
+        When notes are wanted but the base has no text tower.
+    """
+    model, digest = build_base(spec)
+    if inputs != "mri" and model.fusion_head is None:
+        raise ModelInputError(f"inputs {inputs!r} need a base with a text tower (use_note)")
+    model.config = replace(model.config, preset=Preset(preset))
+    model.apply_preset()
+    return model, digest
+
+
+def parameter_groups(model: BrainAdapter, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: adapter, projections, heads, each with its learning rate."""
+    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "projections": [], "heads": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        top = name.split(".")[0]
+        key = "adapter" if top == "adapter" else "projections" if top in PROJECTIONS else "heads"
+        if top not in ("adapter", *PROJECTIONS, *HEADS):
+            raise ModelInputError(f"unexpected trainable parameter {name}")
+        groups[key].append(param)
+    rates = {"adapter": config.lr_adapter, "projections": config.lr_projection, "heads": config.lr_head}
+    return [{"params": p, "lr": rates[k], "name": k} for k, p in groups.items() if p]
+
+
+def text_hidden_cache(model: BrainAdapter, samples: list[Sample], batch_size: int = 32) -> torch.Tensor:
+    """First-token states of the frozen text tower for every sample's note (N, hidden)."""
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            tokens = model.tokenize([s.note for s in samples[start:start + batch_size]])
+            chunks.append(model.text_hidden(tokens["input_ids"], tokens["attention_mask"]).float())
+    return torch.cat(chunks)
+
+
+def data_dependent_init(model: BrainAdapter, volumes: torch.Tensor, text: torch.Tensor | None,
+                        device: torch.device, batch_size: int = 16) -> None:
+    """Rescale and re-centre the projections so their outputs are standardised on training data.
+
+    ``mm_vision_proj`` (and ``mm_language_proj`` when ``text`` is given) get
+    ``W <- W / s`` and ``b <- -W mu``, with ``mu`` the mean encoder feature and ``s``
+    the per-output standard deviation over the given samples.  Used for the seeded
+    demonstration base, whose random frozen ViT gives features that differ across
+    subjects by a few per cent of their norm, so that unit-normalised embeddings
+    would be nearly identical; pretrained projections are left alone by default.
+
+    Parameters
+    ----------
+    model : BrainAdapter
+        The model (its adapter as it is).
+    volumes : torch.Tensor
+        (N, 1, D, H, W) training volumes.
+    text : torch.Tensor or None
+        (N, hidden) cached text-tower states.
+    device : torch.device
+        Device of the model.
+    batch_size : int
+        Feature batch size.
+    """
+    def standardise(proj: torch.nn.Linear, feats: torch.Tensor) -> None:
+        mu = feats.mean(0)
+        out = (feats - mu) @ proj.weight.t()
+        scale = out.std(0).clamp_min(1e-6)
+        proj.weight.div_(scale[:, None])
+        proj.bias.copy_(-(proj.weight @ mu))
+
+    with torch.no_grad():
+        feats = torch.cat([
+            model.vision_encoder(model.adapter(model.input_pool(
+                volumes[i:i + batch_size].to(device=device, dtype=torch.float32))))[:, 0]
+            for i in range(0, volumes.shape[0], batch_size)
+        ])
+        standardise(model.mm_vision_proj, feats)
+        if text is not None and model.mm_language_proj is not None:
+            standardise(model.mm_language_proj, text.to(device))
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> Any:
+    use = config.bf16 if config.bf16 is not None else device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(use))
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) one training run.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's settings.
+
+    Returns
+    -------
+    Path
+        The run folder, holding ``adapter.safetensors`` and ``run.json``.
+
+    Raises
+    ------
+    ModelInputError
+        On a bad manifest, volumes of mixed shape or a mismatched resume.
+    """
+    started = time.perf_counter()
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    samples = read_manifest(Path(config.manifest))
+    train_idx, test_idx = subject_split(samples, config.test_fraction, config.seed)
+    shape = tuple(int(v) for v in np.load(samples[0].volume, mmap_mode="r").shape)
+    if len(shape) != 3 or len(set(shape)) != 1:
+        raise ModelInputError(f"volumes must be cubes (D, H, W); got {shape}")
+    spec = base_spec(config, shape[0])
+    model, base_sha = prepare_model(spec, config.preset, config.inputs)
+    if tuple(model.config.input_size) != shape:
+        raise ModelInputError(f"the base expects {model.config.input_size} volumes, the manifest has {shape}")
+    if config.activation_checkpointing:
+        model.vision_encoder.config = replace(model.vision_encoder.config, gradient_checkpointing=True)
+    device = torch.device(config.device)
+    model.to(device)
+    volumes = load_volumes(samples, shape)
+    if config.inputs == "note":
+        volumes.zero_()
+    text = text_hidden_cache(model, samples) if config.inputs != "mri" else None
+    labels = torch.tensor([s.label for s in samples])
+    if config.data_init if config.data_init is not None else spec.kind == "demo":  # resume overwrites it
+        init_idx = train_idx[:64]
+        data_dependent_init(model, volumes[init_idx], text[init_idx] if text is not None else None, device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    epoch, batch_pos, step, history = 0, 0, 0, []
+    ckpt_path = out / CHECKPOINT_FILE
+    if config.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["base_weights_sha256"] != base_sha:
+            raise ModelInputError(f"checkpoint {ckpt_path} belongs to another base model")
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch, batch_pos, step, history = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["history"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        logger.info("resumed run %s at epoch %d, batch %d (step %d)", out.name, epoch, batch_pos, step)
+
+    def save_checkpoint() -> None:
+        torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                    "batch": batch_pos, "step": step, "history": history, "torch_rng": torch.get_rng_state(),
+                    "base_weights_sha256": base_sha}, ckpt_path)
+
+    stopped = False
+    while epoch < config.epochs and not stopped:
+        model.train()
+        t0 = time.perf_counter()
+        losses: list[float] = []
+        order = list(batches(train_idx, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch))
+        bar = tqdm(order[batch_pos:], desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
+                   initial=batch_pos, total=steps_per_epoch, leave=False)
+        for idx in bar:
+            x = volumes[idx].to(device=device, dtype=torch.float32)
+            kwargs = {} if text is None else {"text_hidden": text[idx].to(device)}
+            with _autocast(config, device):
+                output = model(x, **kwargs)
+                loss = model.loss(output, labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            batch_pos, step = batch_pos + 1, step + 1
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if config.max_steps is not None and step >= config.max_steps:
+                stopped = True
+                break
+        if not stopped or batch_pos >= steps_per_epoch:
+            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
+                            "seconds": round(time.perf_counter() - t0, 2)})
+            logger.info("epoch %d/%d: loss %.4f", epoch + 1, config.epochs, history[-1]["loss"] or float("nan"))
+            epoch, batch_pos = epoch + 1, 0
+        save_checkpoint()
+    save_adapter_file(model, out / ADAPTER_FILE, base_weights_sha256=base_sha, preset=Preset(config.preset))
+    model.eval()
+    result = predict(model, volumes[test_idx], text[test_idx] if text is not None else None, config.batch_size)
+    test_metrics = classification_metrics(labels[test_idx].tolist(), result.predicted.tolist())
+    summary = {
+        "format": "brain-adapter-run", "config": asdict(config), "base": spec.to_dict(),
+        "base_weights_sha256": base_sha, "manifest_sha256": manifest_sha256(Path(config.manifest)),
+        "input_shape": list(shape), "finished": epoch >= config.epochs, "epochs_done": epoch, "steps": step,
+        "split": {"train_subjects": sorted({samples[i].subject_id for i in train_idx}),
+                  "test_subjects": sorted({samples[i].subject_id for i in test_idx}),
+                  "train_scans": len(train_idx), "test_scans": len(test_idx)},
+        "trainable_parameters": {g["name"]: sum(p.numel() for p in g["params"])
+                                 for g in parameter_groups(model, config)},
+        "history": history, "test_metrics": test_metrics, "threads": torch.get_num_threads(),
+        "device": str(device), "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    logger.info("run %s: %d steps, test macro F1 %.3f", out.name, step, test_metrics["macro avg"]["f1"])
+    return out
+
+
+def export_demo(run_dir: Path, demo_dir: Path, *, command: str = "") -> Path:
+    """Copy a finished demonstration-base run's trained parts into a demonstration folder.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A finished run on the seeded demonstration base with notes.
+    demo_dir : Path
+        Destination (``model/demo`` for the committed model).
+    command : str
+        The command that produced the run, recorded for provenance.
+
+    Returns
+    -------
+    Path
+        ``demo_dir``.
+
+    Raises
+    ------
+    ModelInputError
+        When the run did not finish or is not on the demonstration base with notes.
+    """
+    summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text(encoding="utf-8"))
+    base = BaseSpec.from_dict(summary["base"])
+    if base.kind != "demo" or not base.use_note or not summary["finished"]:
+        raise ModelInputError("only a finished run on the demonstration base with notes can become the demo model")
+    if 256 % base.size:
+        raise ModelInputError(f"the demo model must accept 256^3; trained size {base.size} does not divide 256")
+    demo_dir = Path(demo_dir)
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    (demo_dir / DEMO_ADAPTER_FILE).write_bytes((Path(run_dir) / ADAPTER_FILE).read_bytes())
+    info = {"base": base.to_dict(), "base_weights_sha256": summary["base_weights_sha256"],
+            "input_pool": 256 // base.size, "command": command, "config": summary["config"],
+            "split": {k: summary["split"][k] for k in ("train_scans", "test_scans")},
+            "trainable_parameters": summary["trainable_parameters"], "test_metrics": summary["test_metrics"],
+            "manifest_sha256": summary["manifest_sha256"]}
+    (demo_dir / DEMO_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return demo_dir

@@ -1,0 +1,49 @@
+"""Tests of evaluation (model.evaluate, ``dicom-node evaluate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.cli import main
+from model.cohort import CohortConfig, generate_cohort
+from model.evaluate import classification_metrics, format_table
+from model.train import TrainConfig, train
+from model.types import CLASSES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("eval")
+    manifest = generate_cohort(root / "cohort", CohortConfig(n_subjects=16, size=32, seed=7))
+    run = train(TrainConfig(manifest=str(manifest), out_dir=str(root / "run"), inputs="mri+note", epochs=1,
+                            batch_size=4, progress=False))
+    return [run, run]  # one run shown twice: side-by-side columns without a second training
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    ad, mci, cn = (CLASSES.index(c) for c in ("AD", "MCI", "CN"))
+    m = classification_metrics([ad, ad, mci, cn], [ad, mci, mci, cn])
+    assert m["AD"] == {"precision": 1.0, "sensitivity": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert m["MCI"]["precision"] == 0.5 and m["MCI"]["sensitivity"] == 1.0
+    assert m["accuracy"] == 0.75
+    assert m["macro avg"]["sensitivity"] == pytest.approx((0.5 + 1 + 1) / 3)
+    table = format_table({"x": m})
+    assert "| AD | 1.00 | 0.50 | 0.67 |" in table and "weighted avg" in table
+
+
+def test_evaluate_cli_prints_table_and_writes_figures(runs: list[Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    status = main(["evaluate", *map(str, runs), "--out", str(out), "--names", "MRI", "MRI+note"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "MRI PRE" in printed and "MRI+note F1" in printed
+    for row in ("| AD |", "| CN |", "| MCI |", "| macro avg |", "| weighted avg |"):
+        assert row in printed
+    for name in ("confusion.png", "tsne.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert (out / "metrics.json").is_file()
