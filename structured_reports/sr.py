@@ -433,6 +433,10 @@ def _text_container(
     return container
 
 
+#: Maximum length of a Long String (LO) value.
+LO_MAX = 64
+
+
 def _contributing_equipment(
     report: ReportInput, when: datetime.datetime
 ) -> list[hd.ContributingEquipment]:
@@ -448,10 +452,11 @@ def _contributing_equipment(
         contribution_description="DICOM node that ran the analysis and wrote this report",
     )
     algorithm = hd.ContributingEquipment(
-        manufacturer=report.device.manufacturer,
+        manufacturer=report.device.manufacturer[:LO_MAX],
         purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=report.model.name,
-        software_versions=[report.model.version, report.preprocessing_version],
+        # Long String attributes: a model's name or version may be longer than 64 characters.
+        manufacturer_model_name=report.model.name[:LO_MAX],
+        software_versions=[report.model.version[:LO_MAX], report.preprocessing_version[:LO_MAX]],
         contribution_datetime=when,
         contribution_description=(
             f"AI algorithm {report.model.name} {report.model.version}"

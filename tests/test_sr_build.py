@@ -473,3 +473,14 @@ def test_sr_from_headers_without_optional_type2_values(tmp_path: Path) -> None:
     assert all(keyword not in sparse[0] for keyword in omitted)
     assert sr.PatientName == ""
     assert sr.PatientID == sparse[0].PatientID
+
+
+def test_long_model_name_and_version_still_give_a_valid_sr(mr_series: list[Dataset], tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    report = make_report()
+    long_model = replace(report.model, name="Brain-Adapter demonstration (trained on synthetic data, not for "
+                                            "clinical use) " * 2, version="1.2.0+" + "x" * 80)
+    sr = build(mr_series, replace(report, model=long_model))
+    assert require_valid(sr, workdir=tmp_path).ok
+    assert any(long_model.name in text for text in texts(roundtrip(sr)))  # the full name stays in the text items
