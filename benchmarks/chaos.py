@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         for name, run in (
-            ("crash", lambda: crash_safety(args.root, pacs, model, kills=args.kills)),
+            ("crash", lambda: crash_safety(args.root, pacs, model, kills=args.kills, max_gap_s=10)),
             ("fuzz", lambda: hostile_input(args.root, pacs, model, count=args.fuzz)),
             ("pacs", lambda: pacs_outage(args.root, pacs, model, down_s=30)),
             ("db", lambda: database_outage(args.root, pacs, model, postgres_url=POSTGRES_URL, down_s=20)),

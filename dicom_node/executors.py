@@ -80,6 +80,9 @@ logger = logging.getLogger(__name__)
 ENQUEUED = "(enqueued)"
 #: Claims of one run (first claim plus takeovers) before it is marked failed.
 MAX_ATTEMPTS = 3
+#: After MAX_ATTEMPTS lost workers one more claim is allowed: it only writes the "not analysed: processing was
+#: interrupted" report, so that the radiologist is told; a run lost even then ends failed.
+ATTEMPT_LIMIT = MAX_ATTEMPTS + 1
 #: Seconds before a task retries a run that a live worker holds.
 BUSY_RETRY_S = 30.0
 #: Runs the Celery executor publishes per scheduler tick.
@@ -146,7 +149,7 @@ def claim_run(sessions: sessionmaker[Session], run_id: str) -> str:
     ------
     ClaimRefusedError
         The run has ended, or is held by another (live) worker, or was taken
-        over :data:`MAX_ATTEMPTS` times already (it is then marked failed).
+        over :data:`ATTEMPT_LIMIT` times already (it is then marked failed).
     NodeError
         No such run.
     """
@@ -162,7 +165,7 @@ def claim_run(sessions: sessionmaker[Session], run_id: str) -> str:
             claimable = or_(claimable, Run.state == RunState.RUNNING.value)
         result = session.execute(
             update(Run)
-            .where(Run.id == run_id, claimable, Run.attempts < MAX_ATTEMPTS)
+            .where(Run.id == run_id, claimable, Run.attempts < ATTEMPT_LIMIT)
             .values(state=RunState.RUNNING.value, claimed_by=me, claimed_at=now, started_at=now,
                     attempts=Run.attempts + 1)
             .execution_options(synchronize_session=False)
@@ -171,7 +174,7 @@ def claim_run(sessions: sessionmaker[Session], run_id: str) -> str:
         state, attempts = before.state, before.attempts
         if not claimed:  # the row as the winner (if any) left it
             state, attempts = session.execute(select(Run.state, Run.attempts).where(Run.id == run_id)).one()
-        lost_too_often = attempts >= MAX_ATTEMPTS and (
+        lost_too_often = attempts >= ATTEMPT_LIMIT and (
             state == RunState.QUEUED.value or (takeover and state == RunState.RUNNING.value))
         if not claimed and lost_too_often:
             session.execute(

@@ -203,7 +203,7 @@ def process_run(run_id: str, ctx: RunContext) -> None:
     ctx : RunContext
         Settings, database and the loaded model.
     """
-    from dicom_node.executors import claim_run
+    from dicom_node.executors import MAX_ATTEMPTS, claim_run
 
     sessions = ctx.sessions
     claim_run(sessions, run_id)  # atomic: queued -> running (ClaimRefusedError when ended or held elsewhere)
@@ -216,6 +216,7 @@ def process_run(run_id: str, ctx: RunContext) -> None:
             raise NodeError(f"run {run_id} has no study")
         study_uid = study.study_instance_uid
         created_at = run.created_at
+        interrupted = run.attempts > MAX_ATTEMPTS
         sequence = session.scalar(
             select(func.count(Run.id)).where(Run.study_id == run.study_id, Run.created_at <= run.created_at)
         ) or 1
@@ -233,6 +234,9 @@ def process_run(run_id: str, ctx: RunContext) -> None:
     try:
         if incomplete:
             raise NotAnalysed(Outcome.INCOMPLETE_SERIES, incomplete)
+        if interrupted:  # crashed the node or its worker every time: tell the radiologist, don't try again
+            raise NotAnalysed(Outcome.PROCESSING_ERROR,
+                              f"processing was interrupted {MAX_ATTEMPTS} times (the node stopped each time)")
         chosen, prediction, notes_used = _analyse(ctx, run_id, by_series, progress)
     except NotAnalysed as exc:
         not_analysed, state = (exc.outcome, exc.reason), RunState.NOT_ANALYSED

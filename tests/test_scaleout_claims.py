@@ -22,6 +22,7 @@ from dicom_node.cli import build_parser, settings_from_args
 from dicom_node.db.models import Run, RunState, Study
 from dicom_node.db.session import open_database, upgrade
 from dicom_node.executors import (
+    ATTEMPT_LIMIT,
     ENQUEUED,
     MAX_ATTEMPTS,
     CeleryExecutor,
@@ -142,8 +143,21 @@ def test_a_running_run_is_taken_over_only_when_its_holder_is_gone(pg_url: str,
         locks.close()
 
 
-def test_a_run_that_keeps_losing_its_worker_ends_failed(pg_url: str, sessions: sessionmaker[Session]) -> None:
+def test_a_run_lost_too_often_gets_one_report_only_claim(pg_url: str, sessions: sessionmaker[Session]) -> None:
     run_id = add_run(sessions, RunState.RUNNING, attempts=MAX_ATTEMPTS, claimed_by="elsewhere:1:dead")
+    locks = RunLocks(pg_url)
+    try:
+        with locks.hold(run_id) as held:
+            assert held
+            claim_run(sessions, run_id)  # process_run sees attempts > MAX_ATTEMPTS: "not analysed" report only
+    finally:
+        locks.close()
+    run = load(sessions, run_id)
+    assert run.state == "running" and run.attempts == ATTEMPT_LIMIT
+
+
+def test_a_run_that_keeps_losing_its_worker_ends_failed(pg_url: str, sessions: sessionmaker[Session]) -> None:
+    run_id = add_run(sessions, RunState.RUNNING, attempts=ATTEMPT_LIMIT, claimed_by="elsewhere:1:dead")
     locks = RunLocks(pg_url)
     try:
         with locks.hold(run_id) as held, pytest.raises(ClaimRefusedError, match="it is failed") as refused:
@@ -153,7 +167,8 @@ def test_a_run_that_keeps_losing_its_worker_ends_failed(pg_url: str, sessions: s
         locks.close()
     assert refused.value.finished
     run = load(sessions, run_id)
-    assert run.state == "failed" and run.error_reason == f"the worker processing this run was lost {MAX_ATTEMPTS} times"
+    assert run.state == "failed"
+    assert run.error_reason == f"the worker processing this run was lost {ATTEMPT_LIMIT} times"
 
 
 def test_worker_task_acknowledges_ended_runs_and_retries_held_ones(tmp_path: Path, pg_url: str,
