@@ -12,17 +12,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
 from dicom_node.cli import run_record
-from dicom_node.localpacs import LocalOrthanc, free_port, wait_for
+from dicom_node.localpacs import LocalOrthanc, echo_ok, free_port, wait_for
 from dicom_node.settings import Settings, load_settings
 from pipeline.errors import NodeError
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
@@ -54,20 +50,6 @@ DEMO_NOTE = {
 
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
-
-
-def _echo_ok(port: int, ae_title: str) -> bool:
-    with socket.socket() as sock:
-        if sock.connect_ex(("127.0.0.1", port)) != 0:
-            return False
-    ae = AE(ae_title=SCANNER_AE)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
-    if not assoc.is_established:
-        return False
-    response = assoc.send_c_echo()
-    assoc.release()
-    return bool(response and response.Status == 0)
 
 
 def _make_study(directory: Path) -> list[Path]:
@@ -119,7 +101,8 @@ def run_demo(base: Settings) -> int:
         node = subprocess.Popen([*cli, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         settings = load_settings(environ=env)
-        wait_for(lambda: node is not None and node.poll() is None and _echo_ok(node_port, settings.network.ae_title),
+        node_ae = settings.network.ae_title
+        wait_for(lambda: node is not None and node.poll() is None and echo_ok(node_port, node_ae, SCANNER_AE),
                  120, "the node to answer C-ECHO")
         print(f"node {settings.network.ae_title} listening on 127.0.0.1:{node_port}; log: {root / 'node.log'}")
 

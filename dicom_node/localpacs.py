@@ -19,6 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
 from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,21 @@ def wait_for(condition: Callable[[], T | None], timeout_s: float, what: str, int
         if time.monotonic() > deadline:
             raise NodeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         pause.wait(interval_s)
+
+
+def echo_ok(port: int, ae_title: str, calling_ae_title: str, host: str = "127.0.0.1") -> bool:
+    """True when a DICOM peer on *host*:*port* answers C-ECHO with Success (no error logs while it is down)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if sock.connect_ex((host, port)) != 0:
+            return False
+    ae = AE(ae_title=calling_ae_title)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return False
+    response = assoc.send_c_echo()
+    assoc.release()
+    return bool(response and response.Status == 0)
 
 
 class LocalOrthanc:

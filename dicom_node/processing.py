@@ -73,13 +73,17 @@ def _stage(progress: _Progress, name: str) -> Iterator[None]:
     progress.stamps[f"{name}_at"] = utcnow()
 
 
+def _apply(session: Session, run_id: str, values: dict[str, Any]) -> None:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NodeError(f"run {run_id} disappeared")
+    for key, value in values.items():
+        setattr(run, key, value)
+
+
 def _update(sessions: sessionmaker[Session], run_id: str, **values: Any) -> None:
     with sessions.begin() as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise NodeError(f"run {run_id} disappeared")
-        for key, value in values.items():
-            setattr(run, key, value)
+        _apply(session, run_id, values)
 
 
 def _study_headers(session: Session, study_id: int) -> dict[str, list[tuple[Path, Dataset]]]:
@@ -317,11 +321,7 @@ def _finish(
     if routing_error is not None:
         values["error_reason"] = "; ".join(filter(None, [values.get("error_reason"), routing_error]))
     with sessions.begin() as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise NodeError(f"run {run_id} disappeared")
-        for key, value in values.items():
-            setattr(run, key, value)
+        _apply(session, run_id, values)
         now = utcnow()
         for dest_name, kinds in destinations:
             for kind in kinds:

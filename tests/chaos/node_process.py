@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,10 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
 from dicom_node.localpacs import LocalOrthanc, free_port, wait_for
+from dicom_node.localpacs import echo_ok as local_echo_ok
 
 SCANNER_AE = "CHAOS_SCANNER"
 NODE_AE = "AD_NODE"
@@ -24,17 +21,7 @@ NODE_AE = "AD_NODE"
 
 def echo_ok(port: int, ae_title: str = NODE_AE, calling: str = SCANNER_AE) -> bool:
     """True when the node answers C-ECHO."""
-    with socket.socket() as sock:
-        if sock.connect_ex(("127.0.0.1", port)) != 0:
-            return False
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
-    if not assoc.is_established:
-        return False
-    response = assoc.send_c_echo()
-    assoc.release()
-    return bool(response and response.Status == 0)
+    return local_echo_ok(port, ae_title, calling)
 
 
 @dataclass
