@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils
 
-.PHONY: setup system-deps venv demo test lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos demo-model clean
+.PHONY: setup system-deps venv parity-env demo test lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos demo-model clean
 
 setup: system-deps venv
 
@@ -39,8 +39,17 @@ $(DEPS): requirements.txt setup.cfg pyproject.toml
 demo: setup
 	$(BIN)/dicom-node demo
 
-test: setup
+test: setup parity-env
 	$(BIN)/python -m pytest
+	# ViT parity with MONAI 1.3 (M3D-CLIP's encoder), in its own environment (numpy < 2)
+	.venv-parity/bin/python -m pytest -q -p no:cacheprovider --noconftest tests/test_model_parity.py
+
+parity-env: .venv-parity/.deps-installed
+
+.venv-parity/.deps-installed: requirements-parity.txt
+	test -x .venv-parity/bin/python || $(PYTHON) -m venv .venv-parity
+	.venv-parity/bin/pip install -q -r requirements-parity.txt
+	touch $@
 
 lint: setup
 	$(BIN)/ruff check .
