@@ -90,7 +90,7 @@ def run_demo(base: Settings) -> int:
     try:
         cli = [sys.executable, "-m", "dicom_node.cli"]
         if not (base.model_path / "brain_adapter.json").exists():
-            _banner("3a. the seeded, untrained demonstration model")
+            _banner("3a. the demonstration model (trained on synthetic data; not for clinical use)")
             subprocess.run([*cli, "model", "init-demo"], env=env, check=True)
         notes = root / "notes.jsonl"
         notes.write_text(json.dumps(DEMO_NOTE) + "\n", encoding="utf-8")
@@ -123,7 +123,7 @@ def run_demo(base: Settings) -> int:
         print(f"Orthanc filed the SR in the original study {study['StudyInstanceUID']}")
 
         _banner("6. the SR as the radiologist reads it (dsrdump)")
-        dump = subprocess.run(["/usr/bin/dsrdump", "-Ec", str(sr_path)], capture_output=True, text=True,
+        dump = subprocess.run(["/usr/bin/dsrdump", "+Pl", str(sr_path)], capture_output=True, text=True,
                               check=False)
         print(dump.stdout)
 
