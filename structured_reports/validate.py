@@ -187,19 +187,19 @@ def validate_file(path: Path, *, is_sr: bool) -> ValidationResult:
     ValidatorUnavailableError
         If a checker is missing or cannot run.
     """
-    result = _run([_find(DCIODVFY), str(path)])
-    errs, warns = parse_dciodvfy(result.stdout + "\n" + result.stderr)
-    errors = [f"dciodvfy: {m}" for m in errs]
-    warnings = [f"dciodvfy: {m}" for m in warns]
-    if result.returncode != 0 and not errs:
-        errors.append(f"dciodvfy: exit status {result.returncode} without message")
+    errors: list[str] = []
+    warnings: list[str] = []
+    checks = [("dciodvfy", [_find(DCIODVFY), str(path)], lambda r: parse_dciodvfy(r.stdout + "\n" + r.stderr))]
     if is_sr:
-        result = _run([_find(DSRDUMP), "--log-level", "warn", str(path)])
-        errs, warns = parse_dsrdump(result.stderr)
-        errors += [f"dsrdump: {m}" for m in errs]
-        warnings += [f"dsrdump: {m}" for m in warns]
+        checks.append(("dsrdump", [_find(DSRDUMP), "--log-level", "warn", str(path)],
+                       lambda r: parse_dsrdump(r.stderr)))
+    for tool, command, parse in checks:
+        result = _run(command)
+        errs, warns = parse(result)
+        errors += [f"{tool}: {m}" for m in errs]
+        warnings += [f"{tool}: {m}" for m in warns]
         if result.returncode != 0 and not errs:
-            errors.append(f"dsrdump: exit status {result.returncode} without message")
+            errors.append(f"{tool}: exit status {result.returncode} without message")
     return ValidationResult(errors=errors, warnings=warnings, ok=not errors)
 
 
