@@ -10,7 +10,11 @@ acceptor association, before it starts, with event-driven equivalents:
 - the DUL thread waits in ``select`` on the peer socket *and* a wake-up socket
   that is written whenever the association queues a primitive to send (the
   C-STORE response), so it reacts to either at once;
-- the association thread blocks on the DIMSE message queue instead of sleeping.
+- the association thread blocks on the DIMSE message queue instead of sleeping;
+- given a store function, the DUL thread reads the PDUs of the established
+  association itself and serves C-STORE-RQ messages on the lean path of
+  :mod:`dicom_node.edge_dimse` (no pynetdicom objects, no hand-over between
+  threads); every other PDU and message goes to pynetdicom as before.
 
 Both loops keep pynetdicom's logic step for step (state machine, ARTIM and idle
 timers, release and abort handling); idle, each wakes every
@@ -27,11 +31,14 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import types
 from typing import Any
 
 from pynetdicom.pdu import A_ABORT_RQ
+
+from dicom_node.edge_dimse import ProtocolError, StoreAssembler, StoreFunction, p_data_pdus
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +59,17 @@ class _WakingQueue(queue.Queue[Any]):
             self._wake.send(b"\0")
 
 
-def install(assoc: Any) -> bool:
+def install(assoc: Any, store: StoreFunction | None = None) -> bool:
     """Give an acceptor association the event-driven loops; call from ``EVT_CONN_OPEN``.
 
-    Returns False (stock loops kept) when pynetdicom's internals are not as expected.
+    With *store*, C-STORE requests of the established association are served by
+    it on the lean path (:mod:`dicom_node.edge_dimse`) instead of pynetdicom's
+    ``EVT_C_STORE`` handler.  Returns False (stock loops kept) when
+    pynetdicom's internals are not as expected.
     """
     dul = assoc.dul
     needed = ("to_provider_queue", "event_queue", "_is_transport_event", "_process_recv_primitive",
-              "state_machine", "artim_timer", "_idle_timer", "_kill_thread")
+              "state_machine", "artim_timer", "_idle_timer", "_kill_thread", "_decode_pdu", "_recv_pdu")
     if dul.is_alive() or not all(hasattr(dul, name) for name in needed) or not hasattr(assoc, "_reactor_checkpoint"):
         return False
     if not dul.to_provider_queue.empty():
@@ -68,7 +78,8 @@ def install(assoc: Any) -> bool:
     reader.setblocking(False)
     writer.setblocking(False)
     dul.to_provider_queue = _WakingQueue(writer)
-    dul._target = lambda: _dul_reactor(dul, reader, writer)
+    lane = _StoreLane(dul, store) if store is not None else None
+    dul._target = lambda: _dul_reactor(dul, reader, writer, lane)
     assoc._run_reactor = types.MethodType(_assoc_reactor, assoc)
     return True
 
@@ -93,7 +104,7 @@ def _wait(dul: Any, reader: socket.socket) -> None:
             pass
 
 
-def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket) -> None:
+def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket, lane: _StoreLane | None) -> None:
     """pynetdicom's ``DULServiceProvider.run_reactor`` with ``select`` instead of sleeping."""
     dul._idle_timer.start()
     idle = False
@@ -110,6 +121,9 @@ def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket) -> None
             try:
                 if dul._process_recv_primitive():
                     pass
+                elif lane is not None and lane.active():
+                    if lane.read():
+                        dul._idle_timer.restart()
                 elif dul._is_transport_event():
                     dul._idle_timer.restart()
             except Exception as exc:  # noqa: BLE001 - same recovery as pynetdicom's own reactor
@@ -133,6 +147,99 @@ def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket) -> None
     finally:
         reader.close()
         writer.close()
+
+
+class _StoreLane:
+    """The DUL side of the lean C-STORE path: reads PDUs of an established association."""
+
+    def __init__(self, dul: Any, store: StoreFunction) -> None:
+        self.dul = dul
+        self.store = store
+        self.assembler: StoreAssembler | None = None
+
+    def active(self) -> bool:
+        """True while the association is established (state Sta6) on a plain or TLS socket."""
+        return bool(self.dul.state_machine.current_state == "Sta6" and self.dul.socket is not None
+                    and getattr(self.dul.socket, "socket", None) is not None)
+
+    def _assembler(self) -> StoreAssembler:
+        if self.assembler is None:
+            contexts = {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in self.dul.assoc.accepted_contexts}
+            self.assembler = StoreAssembler(contexts, self.store)
+        return self.assembler
+
+    def read(self) -> bool:
+        """Read one PDU if the peer sent one; True when something was read (or the connection ended)."""
+        dul = self.dul
+        if not dul.socket.ready:
+            return False
+        raw = dul.socket.socket
+        try:
+            header = _recv_exact(raw, 6)
+            if header is None:
+                dul.event_queue.put("Evt17")  # transport connection closed
+                return True
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+                logger.error("unknown PDU type 0x%02X received", pdu_type)
+                dul.event_queue.put("Evt19")  # unrecognised PDU
+                return True
+            limit = int(dul.assoc.acceptor.maximum_length or 0)
+            if pdu_type == 0x04 and limit and length > limit + 6:
+                logger.error("P-DATA-TF PDU of %d bytes exceeds our maximum PDU length %d", length, limit)
+                dul.event_queue.put("Evt19")
+                return True
+            body = _recv_exact(raw, length)
+        except (OSError, TimeoutError) as exc:
+            logger.error("connection lost while reading a PDU (%s)", type(exc).__name__)
+            dul.event_queue.put("Evt17")
+            return True
+        if body is None:
+            logger.error("connection closed before the entire PDU was received")
+            dul.event_queue.put("Evt17")
+            return True
+        if pdu_type != 0x04:
+            self._to_pynetdicom(header + body)
+            return True
+        try:
+            passed, responses = self._assembler().feed(body)
+        except ProtocolError as exc:
+            logger.error("invalid P-DATA-TF PDU: %s; aborting the association", exc)
+            dul.event_queue.put("Evt19")
+            return True
+        if passed:
+            items = b"".join(passed)
+            self._to_pynetdicom(struct.pack(">BBL", 0x04, 0, len(items)) + items)
+        peer_max = int(dul.assoc.requestor.maximum_length or 0)
+        for context_id, command in responses:
+            for pdu in p_data_pdus(context_id, command, peer_max):
+                dul.socket.send(pdu)
+        return True
+
+    def _to_pynetdicom(self, bytestream: bytes | bytearray) -> None:
+        """What pynetdicom's ``_read_pdu_data`` does with a PDU it has read."""
+        dul = self.dul
+        try:
+            pdu, event = dul._decode_pdu(bytearray(bytestream))
+        except Exception as exc:  # noqa: BLE001 - pynetdicom's own rule: an undecodable PDU is Evt19
+            logger.error("unable to decode the received PDU (%s)", type(exc).__name__)
+            dul.event_queue.put("Evt19")
+            return
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(pdu)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytearray | None:
+    """Exactly *size* bytes from *sock*, or None when the peer closed first."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        count = sock.recv_into(view[got:], size - got)
+        if count == 0:
+            return None
+        got += count
+    return buf
 
 
 def _assoc_reactor(self: Any) -> None:

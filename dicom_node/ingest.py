@@ -11,24 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import struct
 import threading
-import zlib
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
-from pydicom import Dataset
-from pydicom.charset import python_encoding
-from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
-    EnhancedMRImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
@@ -41,21 +36,22 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
-    MRImageStorage,
     RLELossless,
 )
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.db.driver import DriverStatement, driver_transaction
 from dicom_node.db.models import Instance, Rejection, Series, SeriesState, Study
+from dicom_node.ingest_identity import InstanceIdentity, RejectedInstance
 from dicom_node.settings import Settings
 from dicom_node.statuses import StoreStatus
-from pipeline.errors import ConfigError, InvalidInstanceError
+from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-ACCEPTED_SOP_CLASSES = frozenset({MRImageStorage, EnhancedMRImageStorage})
 #: Transfer syntaxes always negotiated: uncompressed, deflated and the lossless compressed ones.
 LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
@@ -64,8 +60,6 @@ LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 #: Negotiated only with ``storage.accept_lossy`` (JPEG 2000 and HTJ2K "either" syntaxes included).
 LOSSY_TRANSFER_SYNTAXES: tuple[str, ...] = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K)
-_ALWAYS_LOSSY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless})
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 def utcnow() -> datetime:
@@ -76,16 +70,6 @@ def utcnow() -> datetime:
 def transfer_syntaxes(accept_lossy: bool) -> list[str]:
     """The transfer syntaxes the Storage SCP accepts, preferred first."""
     return list(LOSSLESS_TRANSFER_SYNTAXES) + (list(LOSSY_TRANSFER_SYNTAXES) if accept_lossy else [])
-
-
-def is_lossy(ds: Dataset, transfer_syntax_uid: str) -> bool:
-    """True when the instance is (or once was) lossy compressed.
-
-    A lossy-only transfer syntax, or ``LossyImageCompression == "01"`` (which
-    the standard requires once any lossy compression was applied, including in
-    JPEG 2000 and HTJ2K, which may be either).
-    """
-    return transfer_syntax_uid in _ALWAYS_LOSSY or str(ds.get("LossyImageCompression", "") or "").strip() == "01"
 
 
 def _meta_element(tag_element: int, vr: bytes, value: bytes) -> bytes:
@@ -117,173 +101,6 @@ def part10_bytes(dataset: bytes, sop_class_uid: str, sop_instance_uid: str, tran
     return b"".join((b"\x00" * 128, b"DICM", group_length, body, dataset))
 
 
-class RejectedInstance(InvalidInstanceError):  # noqa: N818 - name kept for callers
-    """An instance refused with a specific DIMSE status."""
-
-    def __init__(self, status: StoreStatus, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def check_uid(value: object, keyword: str) -> str:
-    """Return *value* as a UID string if it is a valid DICOM UID.
-
-    A valid UID contains only digits and dots, so it is also a safe file name.
-
-    Raises
-    ------
-    RejectedInstance
-        When the UID is missing or malformed.
-    """
-    text = str(value or "").strip()
-    if not text:
-        raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"{keyword} is missing")
-    if len(text) > 64 or not _UID_RE.match(text):
-        raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"{keyword} is not a valid UID")
-    return text
-
-
-@dataclass(frozen=True)
-class InstanceIdentity:
-    """The identifying attributes of a received instance."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    modality: str
-    series_number: int | None
-    series_description: str | None
-    patient_id: str | None
-    issuer_of_patient_id: str | None
-    accession_number: str | None
-    study_date: date | None
-
-
-def _parse_da(value: object) -> date | None:
-    text = str(value or "").strip()
-    if len(text) != 8 or not text.isdigit():
-        return None
-    try:
-        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
-    except ValueError:
-        return None
-
-
-#: Attributes our reports copy from the source: (keyword, maximum characters, kind).
-_COPIED: tuple[tuple[str, int, str], ...] = (
-    ("PatientName", 320, "PN"), ("PatientID", 64, "LO"), ("PatientBirthDate", 8, "DA"), ("PatientSex", 16, "CS"),
-    ("StudyDate", 8, "DA"), ("StudyTime", 16, "TM"), ("AccessionNumber", 16, "SH"), ("StudyID", 16, "SH"),
-    ("ReferringPhysicianName", 320, "PN"), ("StudyDescription", 64, "LO"), ("IssuerOfPatientID", 64, "LO"),
-)
-
-
-def check_copied_attributes(ds: Dataset) -> None:
-    """Refuse an instance whose patient/study attributes could not be copied into a report.
-
-    Reports file under the source's patient and study, so these values must
-    decode with a known character set, be single-valued and fit their VR.
-    Reasons name the attribute, never its value.
-
-    Raises
-    ------
-    RejectedInstance
-        With Cannot Understand, naming the attribute.
-    """
-    charsets = ds.get("SpecificCharacterSet")
-    values = [] if charsets is None else (list(charsets) if isinstance(charsets, MultiValue) else [charsets])
-    for value in values:
-        if str(value).strip() and str(value).strip() not in python_encoding:
-            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, "SpecificCharacterSet names an unknown character set")
-    for keyword, limit, kind in _COPIED:
-        try:
-            value = ds.get(keyword)
-        except Exception as exc:  # any decoding failure of untrusted bytes
-            raise RejectedInstance(
-                StoreStatus.CANNOT_UNDERSTAND, f"{keyword} cannot be decoded ({type(exc).__name__})"
-            ) from exc
-        if value is None or value == "":
-            continue
-        if isinstance(value, MultiValue):
-            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"{keyword} has more than one value")
-        text = str(value)
-        if len(text) > limit:
-            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"{keyword} is longer than its VR allows")
-        if kind == "DA" and _parse_da(text) is None:
-            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"{keyword} is not a valid date")
-
-
-#: A deflated data set may not inflate beyond this (a deflate bomb is refused before decoding).
-MAX_INFLATED_BYTES = 256 * 1024 * 1024
-
-
-def check_inflated_size(raw: bytes, limit: int = MAX_INFLATED_BYTES) -> None:
-    """Refuse a Deflated Explicit VR Little Endian data set that inflates past *limit*.
-
-    Raises
-    ------
-    RejectedInstance
-        With Out of Resources when the inflated size exceeds the limit.
-    """
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
-    chunk = raw
-    while chunk:
-        total += len(inflater.decompress(chunk, 16 * 1024 * 1024))
-        if total > limit:
-            raise RejectedInstance(StoreStatus.OUT_OF_RESOURCES,
-                                   f"deflated data set inflates past {limit // (1024 * 1024)} MiB")
-        chunk = inflater.unconsumed_tail
-
-
-def identify(ds: Dataset, context_sop_class: str) -> InstanceIdentity:
-    """Check the identifying attributes of *ds* and return them.
-
-    Parameters
-    ----------
-    ds : Dataset
-        The received dataset (pixel data is not touched).
-    context_sop_class : str
-        The Affected SOP Class UID of the C-STORE request.
-
-    Raises
-    ------
-    RejectedInstance
-        Not an MR image, UIDs missing or malformed, or a mismatch with the request.
-    """
-    sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
-    if sop_class != context_sop_class:
-        raise RejectedInstance(
-            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            "SOPClassUID of the dataset differs from the C-STORE request",
-        )
-    if sop_class not in ACCEPTED_SOP_CLASSES:
-        raise RejectedInstance(
-            StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED,
-            f"SOP class {sop_class} is not MR Image Storage or Enhanced MR Image Storage",
-        )
-    modality = str(ds.get("Modality", "") or "")
-    if modality != "MR":
-        raise RejectedInstance(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Modality is {modality!r}, not 'MR'")
-    check_copied_attributes(ds)
-    number = ds.get("SeriesNumber")
-    description = ds.get("SeriesDescription")
-    return InstanceIdentity(
-        sop_class_uid=sop_class,
-        sop_instance_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-        series_instance_uid=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-        study_instance_uid=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-        modality=modality,
-        series_number=int(number) if number not in (None, "") else None,
-        series_description=str(description)[:64] if description else None,
-        patient_id=str(ds.get("PatientID", "") or "")[:64] or None,
-        issuer_of_patient_id=str(ds.get("IssuerOfPatientID", "") or "")[:64] or None,
-        accession_number=str(ds.get("AccessionNumber", "") or "")[:64] or None,
-        study_date=_parse_da(ds.get("StudyDate")),
-    )
-
-
 class Spool:
     """The spool directory: ``<study uid>/<series uid>/<sop uid>.dcm``.
 
@@ -303,6 +120,7 @@ class Spool:
         self.quarantine = (quarantine or self.root.parent / "quarantine").resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._dirs: set[Path] = set()
+        self._checked: set[Path] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Spool:
@@ -310,11 +128,19 @@ class Spool:
         return cls(settings.spool_dir, fsync=settings.storage.fsync, quarantine=settings.quarantine_dir)
 
     def path_for(self, ident: InstanceIdentity) -> Path:
-        """The file of an instance; UIDs were checked, so they are safe names."""
-        path = self.root / ident.study_instance_uid / ident.series_instance_uid / f"{ident.sop_instance_uid}.dcm"
-        if self.root not in path.resolve().parents:
-            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, "instance path escapes the spool")
-        return path
+        """The file of an instance; UIDs were checked, so they are safe names.
+
+        The series directory is resolved (symbolic links followed) once, when
+        first used: a path that would leave the spool is refused.
+        """
+        directory = self.root / ident.study_instance_uid / ident.series_instance_uid
+        if directory not in self._checked:
+            if self.root not in (directory / "x").resolve().parents:
+                raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, "instance path escapes the spool")
+            if len(self._checked) > 10_000:
+                self._checked.clear()
+            self._checked.add(directory)
+        return directory / f"{ident.sop_instance_uid}.dcm"
 
     def free_bytes(self) -> int:
         """Free space on the spool's file system."""
@@ -361,6 +187,7 @@ class Prior:
 
     sha256: str
     quarantined: bool
+    row_id: int | None = None
 
 
 class Duplicate(StrEnum):
@@ -389,6 +216,11 @@ def duplicate_decision(policy: str, prior: Prior | None, digest: str) -> Duplica
     return Duplicate.REPLACE
 
 
+#: The instance columns written on every receipt (besides its UID and series).
+_INSTANCE_VALUES = ("sop_class_uid", "transfer_syntax_uid", "calling_ae_title", "peer_address", "spool_path",
+                    "size_bytes", "sha256", "received_at", "association_id", "quarantined", "lossy")
+
+
 class Recorder:
     """Records received and rejected instances in the database.
 
@@ -407,7 +239,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._study_ids: dict[str, int] = {}
         self._series_ids: dict[str, int] = {}
-        self._q_prior = select(Instance.sha256, Instance.quarantined).where(
+        self._q_prior = select(Instance.sha256, Instance.quarantined, Instance.id).where(
             Instance.sop_instance_uid == bindparam("uid"))
         self._q_instance = select(Instance.id, Instance.quarantined).where(
             Instance.sop_instance_uid == bindparam("uid"))
@@ -423,11 +255,21 @@ class Recorder:
         self._upd_study_ae = update(Study).where(Study.id == bindparam("study_id")).values(
             last_received_at=bindparam("now"), needs_run=True, called_ae_title=bindparam("called"))
 
+        # The same statements on the driver's cursor, for instances of known studies and series.
+        self._d_prior = DriverStatement(self.engine, self._q_prior)
+        instance_keys = ("sop_instance_uid", "series_id", *_INSTANCE_VALUES)
+        self._d_ins_instance = DriverStatement(self.engine, self._ins_instance, instance_keys)
+        self._d_upd_instance = DriverStatement(self.engine, self._upd_instance.values(
+            {key: bindparam(key) for key in ("series_id", *_INSTANCE_VALUES)}))
+        self._d_upd_series = DriverStatement(self.engine, self._upd_series)
+        self._d_upd_study = DriverStatement(self.engine, self._upd_study)
+        self._d_upd_study_ae = DriverStatement(self.engine, self._upd_study_ae)
+
     def prior(self, sop_instance_uid: str) -> Prior | None:
         """The stored digest and quarantine flag of *sop_instance_uid*, if any."""
-        with self.engine.connect() as conn:
-            row = conn.execute(self._q_prior, {"uid": sop_instance_uid}).first()
-        return None if row is None else Prior(row[0], bool(row[1]))
+        with driver_transaction(self.engine) as cursor:
+            row = self._d_prior.execute(cursor, {"uid": sop_instance_uid}).fetchone()
+        return None if row is None else Prior(row[0], bool(row[1]), int(row[2]))
 
     def _study_id(self, conn: Connection, ident: InstanceIdentity, now: datetime) -> int:
         cached = self._study_ids.get(ident.study_instance_uid)
@@ -458,7 +300,7 @@ class Recorder:
     def record_instance(
         self, ident: InstanceIdentity, peer: Peer, path: Path, size: int, digest: str, ts_uid: str, *,
         changed: bool = True, association_id: int | None = None, called_ae_title: str | None = None,
-        lossy: bool = False,
+        lossy: bool = False, prior: Prior | Literal[False] | None = None,
     ) -> None:
         """Record a spooled instance (insert, or update a replaced/quarantined one).
 
@@ -478,6 +320,9 @@ class Recorder:
             Our AE title the sender called (picks the study's profile).
         lossy : bool
             The instance is lossy compressed.
+        prior : Prior or False, optional
+            What :meth:`prior` returned just before (False: nothing stored),
+            which saves looking the instance up again; None looks it up.
         """
         now = utcnow()
         values = dict(
@@ -485,10 +330,33 @@ class Recorder:
             peer_address=peer.address[:64], spool_path=str(path), size_bytes=size, sha256=digest, received_at=now,
             association_id=association_id, quarantined=False, lossy=lossy,
         )
-        with self._lock, self.engine.begin() as conn:
+        with self._lock:
+            try:
+                study_id, series_id = self._record(ident, values, now, changed, called_ae_title, prior)
+            except IntegrityError:  # recorded meanwhile by another process: look it up again
+                study_id, series_id = self._record(ident, values, now, changed, called_ae_title, None)
+        if len(self._series_ids) > 10_000:
+            self._series_ids.clear()
+            self._study_ids.clear()
+        self._study_ids[ident.study_instance_uid] = study_id
+        self._series_ids[ident.series_instance_uid] = series_id
+
+    def _record(self, ident: InstanceIdentity, values: dict[str, object], now: datetime, changed: bool,
+                called_ae_title: str | None, prior: Prior | Literal[False] | None) -> tuple[int, int]:
+        study_id = self._study_ids.get(ident.study_instance_uid)
+        series_id = self._series_ids.get(ident.series_instance_uid)
+        if study_id is not None and series_id is not None and prior is not None and (
+                prior is False or prior.row_id is not None):
+            self._record_known(ident, values, now, changed, called_ae_title, prior, study_id, series_id)
+            return study_id, series_id
+        with self.engine.begin() as conn:
             study_id = self._study_id(conn, ident, now)
             series_id = self._series_id(conn, ident, study_id, now)
-            row = conn.execute(self._q_instance, {"uid": ident.sop_instance_uid}).first()
+            if prior is None or (prior is not False and prior.row_id is None):
+                found = conn.execute(self._q_instance, {"uid": ident.sop_instance_uid}).first()
+                row = None if found is None else (int(found[0]), bool(found[1]))
+            else:
+                row = None if prior is False else (int(prior.row_id or 0), prior.quarantined)
             if row is None:
                 conn.execute(self._ins_instance, {"sop_instance_uid": ident.sop_instance_uid,
                                                   "series_id": series_id, **values})
@@ -504,11 +372,28 @@ class Recorder:
                                                       "called": called_ae_title[:16]})
                 else:
                     conn.execute(self._upd_study, {"study_id": study_id, "now": now})
-        if len(self._series_ids) > 10_000:
-            self._series_ids.clear()
-            self._study_ids.clear()
-        self._study_ids[ident.study_instance_uid] = study_id
-        self._series_ids[ident.series_instance_uid] = series_id
+        return study_id, series_id
+
+    def _record_known(self, ident: InstanceIdentity, values: dict[str, object], now: datetime, changed: bool,
+                      called_ae_title: str | None, prior: Prior | Literal[False], study_id: int,
+                      series_id: int) -> None:
+        """:meth:`_record` for a known study and series, on the driver's cursor."""
+        with driver_transaction(self.engine) as cursor:
+            if prior is False:
+                self._d_ins_instance.execute(cursor, {"sop_instance_uid": ident.sop_instance_uid,
+                                                      "series_id": series_id, **values})
+                added, changed = 1, True
+            else:
+                self._d_upd_instance.execute(cursor, {"row_id": prior.row_id, "series_id": series_id, **values})
+                added = 1 if prior.quarantined else 0
+                changed = changed or prior.quarantined
+            if changed:
+                self._d_upd_series.execute(cursor, {"series_id": series_id, "now": now, "added": added})
+                if called_ae_title:
+                    self._d_upd_study_ae.execute(cursor, {"study_id": study_id, "now": now,
+                                                          "called": called_ae_title[:16]})
+                else:
+                    self._d_upd_study.execute(cursor, {"study_id": study_id, "now": now})
 
     def record_rejection(
         self, peer: Peer, status: int, reason: str, sop_class_uid: str | None, sop_instance_uid: str | None

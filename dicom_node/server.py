@@ -13,6 +13,7 @@ ends without A-RELEASE has its instances quarantined (:mod:`dicom_node.edge_asso
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import socket
@@ -29,19 +30,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node import edge_fastpath
 from dicom_node.edge_access import AccessPolicy
 from dicom_node.edge_assoc import AssociationInfo, AssociationJournal, Outcome
-from dicom_node.ingest import (
-    Duplicate,
-    Peer,
-    Recorder,
-    RejectedInstance,
-    Spool,
-    check_inflated_size,
-    duplicate_decision,
-    identify,
-    is_lossy,
-    part10_bytes,
-    transfer_syntaxes,
-)
+from dicom_node.edge_dimse import StoreRequest
+from dicom_node.ingest import Duplicate, Peer, Recorder, Spool, duplicate_decision, part10_bytes, transfer_syntaxes
+from dicom_node.ingest_identity import RejectedInstance, check_inflated_size, read_identity
 from dicom_node.settings import Settings
 from dicom_node.statuses import RejectReason, RejectResult, RejectSource, StoreStatus, VerificationStatus
 from dicom_node.tls import server_context
@@ -154,7 +145,7 @@ class StorageServer:
         raw = getattr(event.assoc.dul.socket, "socket", None)
         if self.settings.network.tcp_nodelay and raw is not None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        edge_fastpath.install(event.assoc)
+        edge_fastpath.install(event.assoc, store=functools.partial(self._lean_store, event.assoc))
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
@@ -243,33 +234,43 @@ class StorageServer:
         return int(VerificationStatus.SUCCESS)
 
     def _on_store(self, event: Any) -> int:
+        """pynetdicom's ``EVT_C_STORE`` (associations the lean path could not take)."""
+        request = event.request
+        status, _ = self._serve_store(event.assoc, str(request.AffectedSOPClassUID),
+                                      str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+                                      request.DataSet.getvalue())
+        return status
+
+    def _lean_store(self, assoc: Any, request: StoreRequest, ts_uid: str) -> tuple[int, str | None]:
+        """The lean C-STORE path's service (:mod:`dicom_node.edge_dimse`)."""
+        return self._serve_store(assoc, request.sop_class_uid, request.sop_instance_uid, ts_uid,
+                                 request.dataset_bytes())
+
+    def _serve_store(self, assoc: Any, sop_class: str, sop_instance: str, ts_uid: str,
+                     raw: bytes) -> tuple[int, str | None]:
+        """Store one instance of *assoc*; returns the status and, on failure, the error comment."""
         with self._assocs_lock:
-            state = self._assocs.get(id(event.assoc))
+            state = self._assocs.get(id(assoc))
         if state is None:
-            return int(StoreStatus.PROCESSING_FAILURE)
+            return int(StoreStatus.PROCESSING_FAILURE), "association unknown"
         with state.lock:
             if state.finished:
-                return int(StoreStatus.PROCESSING_FAILURE)
-            status = self._store(event, state)
+                return int(StoreStatus.PROCESSING_FAILURE), "association already ended"
+            status, comment = self._store(sop_class, sop_instance, ts_uid, raw, state)
             if status == StoreStatus.SUCCESS:
                 state.stored += 1
             else:
                 state.refused += 1
-            return int(status)
+            return int(status), comment
 
-    def _store(self, event: Any, state: _AssocState) -> StoreStatus:
-        request = event.request
-        sop_class = str(request.AffectedSOPClassUID)
-        sop_instance = str(request.AffectedSOPInstanceUID)
-        ts_uid = str(event.context.transfer_syntax)
+    def _store(self, sop_class: str, sop_instance: str, ts_uid: str, raw: bytes,
+               state: _AssocState) -> tuple[StoreStatus, str | None]:
         storage = self.settings.storage
         try:
             try:
                 if ts_uid == DeflatedExplicitVRLittleEndian:
-                    check_inflated_size(event.request.DataSet.getvalue())
-                ds = event.dataset
-                ident = identify(ds, sop_class)
-                lossy = is_lossy(ds, ts_uid)
+                    check_inflated_size(raw)
+                ident, lossy = read_identity(raw, ts_uid, sop_class)
             except RejectedInstance:
                 raise
             except Exception as exc:
@@ -284,8 +285,7 @@ class StorageServer:
             if lossy and not storage.accept_lossy:
                 raise RejectedInstance(StoreStatus.LOSSY_INPUT_REFUSED,
                                        "lossy-compressed input refused (storage.accept_lossy is false)")
-            data = part10_bytes(event.request.DataSet.getvalue(), sop_class, sop_instance, ts_uid,
-                                state.peer.calling_ae_title)
+            data = part10_bytes(raw, sop_class, sop_instance, ts_uid, state.peer.calling_ae_title)
             if self.spool.free_bytes() - len(data) < self.reserve_bytes:
                 raise RejectedInstance(StoreStatus.OUT_OF_RESOURCES, "free disk below storage.free_space_reserve_mb")
             digest = hashlib.sha256(data).hexdigest()
@@ -296,7 +296,7 @@ class StorageServer:
                                        "SOP Instance UID already received (storage.duplicate_policy = reject)")
             if decision is Duplicate.IGNORE:
                 logger.debug("identical re-send of %s ignored", sop_instance)
-                return StoreStatus.SUCCESS
+                return StoreStatus.SUCCESS, None
             path = self.spool.path_for(ident)
             try:
                 self.spool.write(path, data)
@@ -306,10 +306,11 @@ class StorageServer:
                 self.recorder.record_instance(
                     ident, state.peer, path, len(data), digest, ts_uid,
                     changed=prior is None or prior.quarantined or prior.sha256 != digest,
-                    association_id=state.log_id, called_ae_title=state.called_ae_title, lossy=lossy)
+                    association_id=state.log_id, called_ae_title=state.called_ae_title, lossy=lossy,
+                    prior=False if prior is None else prior)
             except SQLAlchemyError as exc:
                 logger.error("database unavailable while recording %s: %s", sop_instance, type(exc).__name__)
-                return StoreStatus.OUT_OF_RESOURCES
+                return StoreStatus.OUT_OF_RESOURCES, "database unavailable"
         except RejectedInstance as exc:
             logger.warning(
                 "refused SOP instance %s from %s: %s (status 0x%04X)",
@@ -319,7 +320,7 @@ class StorageServer:
                 self.recorder.record_rejection(state.peer, exc.status, exc.reason, sop_class, sop_instance)
             except SQLAlchemyError as db_exc:
                 logger.error("rejection of %s not recorded (%s)", sop_instance, type(db_exc).__name__)
-            return exc.status
+            return exc.status, exc.reason
         logger.debug("stored %s (series %s)%s", ident.sop_instance_uid, ident.series_instance_uid,
                      " (replaced)" if decision is Duplicate.REPLACE else "")
-        return StoreStatus.SUCCESS
+        return StoreStatus.SUCCESS, None

@@ -94,3 +94,48 @@ def test_check_detects_a_model_without_migration(tmp_path: Path, monkeypatch: py
             command.check(alembic_config(url))
     finally:
         Base.metadata.remove(extra)
+
+
+def _record_series(engine: Engine) -> None:
+    """The Recorder's two paths (SQLAlchemy for a new series, the driver's cursor after) agree."""
+    from sqlalchemy.orm import sessionmaker
+
+    from dicom_node.db.models import Instance, Series
+    from dicom_node.ingest import Peer, Prior, Recorder
+    from dicom_node.ingest_identity import InstanceIdentity
+
+    recorder = Recorder(sessionmaker(engine))
+    peer = Peer("SCANNER", "127.0.0.1:104")
+    idents = [InstanceIdentity("1.2.840.10008.5.1.4.1.1.4", f"1.2.3.4.{i}", "1.2.3.4", "1.2.3", "MR", 3, "T1",
+                               "P1", None, "A1", date(2026, 1, 2)) for i in range(1, 4)]
+    before = datetime.now(UTC)
+    for ident in idents:
+        prior = recorder.prior(ident.sop_instance_uid)
+        recorder.record_instance(ident, peer, Path(f"/spool/{ident.sop_instance_uid}.dcm"), 10, "0" * 64,
+                                 "1.2.840.10008.1.2.1", called_ae_title="AD_NODE", prior=prior or False)
+    again = recorder.prior(idents[0].sop_instance_uid)
+    assert again == Prior("0" * 64, False, again.row_id if again else None) and again is not None
+    recorder.record_instance(idents[0], peer, Path("/spool/replaced.dcm"), 12, "1" * 64, "1.2.840.10008.1.2.1",
+                             called_ae_title="AD_NODE", prior=again)   # a replace, on the driver's path
+    with Session(engine) as session:
+        rows = session.scalars(select(Instance).order_by(Instance.sop_instance_uid)).all()
+        series = session.scalars(select(Series)).one()
+        study = session.scalars(select(Study)).one()
+    assert [r.sop_instance_uid for r in rows] == [i.sop_instance_uid for i in idents]
+    assert rows[0].spool_path == "/spool/replaced.dcm" and rows[0].size_bytes == 12 and not rows[0].quarantined
+    assert all(r.received_at.replace(tzinfo=UTC) >= before.replace(microsecond=0) for r in rows)
+    assert series.instance_count == 3 and series.state == "receiving"
+    assert series.last_received_at.replace(tzinfo=UTC) >= rows[-1].received_at.replace(tzinfo=UTC)
+    assert study.needs_run and study.called_ae_title == "AD_NODE"
+
+
+def test_recorder_paths_agree_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    _record_series(make_engine(url))
+
+
+@pytest.mark.postgres
+def test_recorder_paths_agree_on_postgres(postgres_schema: Engine) -> None:
+    _migrate_and_check(postgres_schema)
+    _record_series(postgres_schema)

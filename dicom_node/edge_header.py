@@ -1,0 +1,133 @@
+"""A one-pass scan of an encoded data set for the few elements the C-STORE handler reads.
+
+pydicom's ``read_dataset`` builds an element object for every attribute of
+the data set (and copies the pixel data) before the handler reads a dozen
+values.  :func:`scan_elements` walks the little-endian encoding once
+(PS3.5 7.1: explicit and implicit VR, sequences and items of defined or
+undefined length, PS3.5 7.5), keeps the raw values of the wanted top-level
+elements and jumps over everything else, pixel data included.
+
+It accepts only what it fully understands: the walk must end exactly at the
+end of the data set.  Anything else -- a length past the end, a stray
+delimiter, big endian -- returns None, and the caller falls back to pydicom,
+whose verdict on malformed input stays the reference.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Collection
+
+from pipeline.errors import NodeError
+
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 table 7.1-1).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+#: Deepest nesting of sequences walked (deeper: fall back to pydicom).
+MAX_DEPTH = 16
+
+_HEADER = struct.Struct("<HHL")      # implicit VR: tag, 4-byte length
+_EXPLICIT = struct.Struct("<HH2sH")  # explicit VR: tag, VR, 2-byte length
+
+
+class _UnsupportedEncodingError(NodeError):
+    """Internal: the encoding is not one this scan accepts."""
+
+
+def scan_elements(raw: bytes, explicit: bool, wanted: Collection[int]) -> dict[int, bytes] | None:
+    """The raw values of the *wanted* top-level tags of a little-endian data set.
+
+    Parameters
+    ----------
+    raw : bytes
+        The encoded data set (no preamble, no file meta information).
+    explicit : bool
+        Explicit VR (True) or implicit VR (False) little endian.
+    wanted : collection of int
+        Tags as ``group << 16 | element``.
+
+    Returns
+    -------
+    dict or None
+        Tag -> value bytes for the wanted tags present; None when the data set
+        is not well formed enough for this scan (use pydicom instead).
+    """
+    found: dict[int, bytes] = {}
+    try:
+        end = _walk(raw, 0, len(raw), explicit, wanted, found, 0)
+    except (_UnsupportedEncodingError, struct.error):
+        return None
+    return found if end == len(raw) else None
+
+
+def _element_header(raw: bytes, pos: int, explicit: bool) -> tuple[int, int, int, bool]:
+    """(tag, value length, position of the value, is a sequence) of the element at *pos*."""
+    group, element, length = _HEADER.unpack_from(raw, pos)
+    tag = group << 16 | element
+    if group == 0xFFFE or not explicit:  # items and delimiters never carry a VR
+        return tag, length, pos + 8, False
+    _, _, vr, short = _EXPLICIT.unpack_from(raw, pos)
+    if vr in _LONG_VRS:
+        (long_length,) = struct.unpack_from("<L", raw, pos + 8)
+        return tag, long_length, pos + 12, vr == b"SQ"
+    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+        raise _UnsupportedEncodingError("not an explicit VR")
+    return tag, short, pos + 8, False
+
+
+def _walk(raw: bytes, pos: int, end: int, explicit: bool, wanted: Collection[int] | None,
+          found: dict[int, bytes], depth: int) -> int:
+    """Walk elements from *pos* to *end*.
+
+    Returns the position after the last element, or, when an item delimiter
+    ended the walk (inside an item of undefined length), minus the position
+    after that delimiter.
+    """
+    if depth > MAX_DEPTH:
+        raise _UnsupportedEncodingError("sequences nested too deep")
+    while pos < end:
+        if end - pos < 8:
+            raise _UnsupportedEncodingError("truncated element")
+        tag, length, value, _ = _element_header(raw, pos, explicit)
+        if tag == _ITEM_END:
+            if depth == 0 or length != 0:
+                raise _UnsupportedEncodingError("stray item delimiter")
+            return -(value)  # negative: ended by an item delimiter
+        if tag in (_ITEM, _SEQUENCE_END):
+            raise _UnsupportedEncodingError("stray item")
+        if length == _UNDEFINED:
+            # a sequence (SQ, or UN/implicit holding one) or encapsulated pixel data: items up to a delimiter
+            pos = _skip_items(raw, value, end, explicit, depth + 1)
+            continue
+        if length > end - value:
+            raise _UnsupportedEncodingError("value past the end")
+        if wanted is not None and depth == 0 and tag in wanted:
+            found[tag] = raw[value:value + length]
+        pos = value + length
+    return pos
+
+
+def _skip_items(raw: bytes, pos: int, end: int, explicit: bool, depth: int) -> int:
+    """Skip the items of an undefined-length value; returns the position after its sequence delimiter."""
+    while True:
+        if end - pos < 8:
+            raise _UnsupportedEncodingError("unterminated sequence")
+        group, element, length = _HEADER.unpack_from(raw, pos)
+        tag = group << 16 | element
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _UnsupportedEncodingError("not an item")
+        if length != _UNDEFINED:
+            if length > end - pos:
+                raise _UnsupportedEncodingError("item past the end")
+            pos += length
+            continue
+        after = _walk(raw, pos, end, explicit, None, {}, depth)
+        if after >= 0:
+            raise _UnsupportedEncodingError("unterminated item")
+        pos = -after
