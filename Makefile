@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
-DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils
+DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils openjph-tools
 
 .PHONY: setup system-deps venv parity-env demo test lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos demo-model clean
 
@@ -15,7 +15,7 @@ setup: system-deps venv
 
 system-deps:
 	@missing=""; \
-	for tool in /usr/bin/storescu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/pdftoppm \
+	for tool in /usr/bin/storescu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/pdftoppm /usr/bin/ojph_compress \
 	            /usr/share/mricron/templates/ch2.nii.gz; do [ -e $$tool ] || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \

@@ -9,10 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -34,12 +36,28 @@ from tests.test_edge_ingest import edge_server, mr_series, no_patient_data_in_lo
 __all__ = ["no_patient_data_in_logs"]
 
 
+def _htj2k(path: Path, syntax: str, target: Path) -> None:
+    """Encode one single-frame unsigned 16-bit instance with OpenJPH's ``ojph_compress`` (reversible)."""
+    ds = dcmread(path)
+    pixels = ds.pixel_array
+    pgm, codestream = target.with_suffix(".pgm"), target.with_suffix(".j2c")
+    pgm.write_bytes(f"P5\n{ds.Columns} {ds.Rows}\n65535\n".encode() + pixels.astype(">u2").tobytes())
+    subprocess.run([require_tool("ojph_compress"), "-i", str(pgm), "-o", str(codestream), "-reversible", "true",
+                    "-prog_order", "RPCL"], check=True, capture_output=True)
+    ds.PixelData = encapsulate([codestream.read_bytes()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(target, enforce_file_format=True)
+
+
 def _encode(files: list[Path], syntax: str, out: Path) -> list[Path]:
     out.mkdir()
     written = []
     for path in files:
         target = out / path.name
-        if syntax in (JPEGLosslessSV1, JPEGLossless):
+        if syntax in (HTJ2KLossless, HTJ2KLosslessRPCL):  # pydicom has no HTJ2K encoder
+            _htj2k(path, syntax, target)
+        elif syntax in (JPEGLosslessSV1, JPEGLossless):
             flag = "+e1" if syntax == JPEGLosslessSV1 else "+el"
             subprocess.run([require_tool("dcmcjpeg"), flag, str(path), str(target)], check=True, capture_output=True)
         else:
@@ -55,7 +73,7 @@ def _encode(files: list[Path], syntax: str, out: Path) -> list[Path]:
 
 
 SYNTAXES = [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
-            JPEG2000Lossless, RLELossless]
+            JPEG2000Lossless, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL]
 
 
 def test_each_lossless_syntax_is_accepted_and_decodes_in_the_pipeline(tmp_path: Path) -> None:
