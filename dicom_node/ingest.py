@@ -14,6 +14,8 @@ import os
 import shutil
 import struct
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -80,13 +82,11 @@ def _meta_element(tag_element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, tag_element, vr, len(value)) + value
 
 
-def part10_bytes(dataset: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
-                 source_ae_title: str) -> bytes:
-    """The DICOM file of an encoded dataset: preamble, ``DICM``, File Meta Information, dataset.
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information of a received data set's file.
 
-    Equivalent to pynetdicom's ``event.encoded_dataset()`` but without building
-    a pydicom Dataset for the file meta (this is on the C-STORE hot path).
-    The dataset bytes are written as received, in their transfer syntax.
+    Built without a pydicom Dataset (this is on the C-STORE hot path); the
+    data set follows as received, in its transfer syntax.
     """
     body = b"".join((
         _meta_element(0x0001, b"OB", b"\x00\x01"),
@@ -98,7 +98,20 @@ def part10_bytes(dataset: bytes, sop_class_uid: str, sop_instance_uid: str, tran
         _meta_element(0x0016, b"AE", source_ae_title.encode("ascii", "replace")[:16]),
     ))
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"".join((b"\x00" * 128, b"DICM", group_length, body, dataset))
+    return b"".join((b"\x00" * 128, b"DICM", group_length, body))
+
+
+def part10_bytes(dataset: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
+                 source_ae_title: str) -> bytes:
+    """The DICOM file of an encoded dataset (:func:`part10_header` followed by the data set).
+
+    Equivalent to pynetdicom's ``event.encoded_dataset()``.
+    """
+    return part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae_title) + dataset
+
+
+#: How long a measured free-space figure of the spool is trusted.
+FREE_SPACE_TTL_S = 0.5
 
 
 class Spool:
@@ -120,7 +133,10 @@ class Spool:
         self.quarantine = (quarantine or self.root.parent / "quarantine").resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._dirs: set[Path] = set()
-        self._checked: set[Path] = set()
+        self._series_dirs: dict[tuple[str, str], Path] = {}
+        self._free_measured = 0
+        self._free_measured_at = -FREE_SPACE_TTL_S
+        self._written_since = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Spool:
@@ -133,36 +149,57 @@ class Spool:
         The series directory is resolved (symbolic links followed) once, when
         first used: a path that would leave the spool is refused.
         """
-        directory = self.root / ident.study_instance_uid / ident.series_instance_uid
-        if directory not in self._checked:
+        key = (ident.study_instance_uid, ident.series_instance_uid)
+        directory = self._series_dirs.get(key)
+        if directory is None:
+            directory = self.root / key[0] / key[1]
             if self.root not in (directory / "x").resolve().parents:
                 raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, "instance path escapes the spool")
-            if len(self._checked) > 10_000:
-                self._checked.clear()
-            self._checked.add(directory)
+            if len(self._series_dirs) > 10_000:
+                self._series_dirs.clear()
+            self._series_dirs[key] = directory
         return directory / f"{ident.sop_instance_uid}.dcm"
 
     def free_bytes(self) -> int:
-        """Free space on the spool's file system."""
-        return int(shutil.disk_usage(self.root).free)
+        """Free space on the spool's file system.
 
-    def write(self, path: Path, data: bytes) -> None:
-        """Write *data* atomically (temporary file, fsync when configured, rename)."""
+        Measured at most every :data:`FREE_SPACE_TTL_S`; the bytes the spool
+        wrote since are subtracted from the last measurement.
+        """
+        now = time.monotonic()
+        if now - self._free_measured_at > FREE_SPACE_TTL_S:
+            self._free_measured = int(shutil.disk_usage(self.root).free)
+            self._free_measured_at = now
+            self._written_since = 0
+        return self._free_measured - self._written_since
+
+    def write(self, path: Path, data: bytes | Sequence[bytes]) -> None:
+        """Write *data* (one buffer, or several written in order) atomically.
+
+        A temporary file, fsync when configured, then a rename.
+        """
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
         parent = path.parent
         if parent not in self._dirs:
             parent.mkdir(parents=True, exist_ok=True)
+            if len(self._dirs) > 10_000:
+                self._dirs.clear()
             self._dirs.add(parent)
         tmp = parent / f".{path.name}.{threading.get_ident()}.part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            total = sum(len(part) for part in parts)
+            written = os.writev(fd, parts)
+            if written < total:  # a short write: finish it part by part
+                view = memoryview(b"".join(parts))[written:]
+                while view:
+                    view = view[os.write(fd, view):]
             if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        self._written_since += total
 
     def quarantine_path(self, spooled: Path) -> Path:
         """Where a spooled file goes when its association was aborted."""

@@ -31,7 +31,7 @@ from dicom_node import edge_fastpath
 from dicom_node.edge_access import AccessPolicy
 from dicom_node.edge_assoc import AssociationInfo, AssociationJournal, Outcome
 from dicom_node.edge_dimse import StoreRequest
-from dicom_node.ingest import Duplicate, Peer, Recorder, Spool, duplicate_decision, part10_bytes, transfer_syntaxes
+from dicom_node.ingest import Duplicate, Peer, Recorder, Spool, duplicate_decision, part10_header, transfer_syntaxes
 from dicom_node.ingest_identity import RejectedInstance, check_inflated_size, read_identity
 from dicom_node.settings import Settings
 from dicom_node.statuses import RejectReason, RejectResult, RejectSource, StoreStatus, VerificationStatus
@@ -285,10 +285,13 @@ class StorageServer:
             if lossy and not storage.accept_lossy:
                 raise RejectedInstance(StoreStatus.LOSSY_INPUT_REFUSED,
                                        "lossy-compressed input refused (storage.accept_lossy is false)")
-            data = part10_bytes(raw, sop_class, sop_instance, ts_uid, state.peer.calling_ae_title)
-            if self.spool.free_bytes() - len(data) < self.reserve_bytes:
+            header = part10_header(sop_class, sop_instance, ts_uid, state.peer.calling_ae_title)
+            size = len(header) + len(raw)
+            if self.spool.free_bytes() - size < self.reserve_bytes:
                 raise RejectedInstance(StoreStatus.OUT_OF_RESOURCES, "free disk below storage.free_space_reserve_mb")
-            digest = hashlib.sha256(data).hexdigest()
+            hasher = hashlib.sha256(header)
+            hasher.update(raw)
+            digest = hasher.hexdigest()
             prior = self.recorder.prior(sop_instance)
             decision = duplicate_decision(storage.duplicate_policy, prior, digest)
             if decision is Duplicate.REJECT:
@@ -299,12 +302,12 @@ class StorageServer:
                 return StoreStatus.SUCCESS, None
             path = self.spool.path_for(ident)
             try:
-                self.spool.write(path, data)
+                self.spool.write(path, (header, raw))
             except OSError as exc:
                 raise RejectedInstance(StoreStatus.OUT_OF_RESOURCES, f"spool write failed ({exc.strerror})") from exc
             try:
                 self.recorder.record_instance(
-                    ident, state.peer, path, len(data), digest, ts_uid,
+                    ident, state.peer, path, size, digest, ts_uid,
                     changed=prior is None or prior.quarantined or prior.sha256 != digest,
                     association_id=state.log_id, called_ae_title=state.called_ae_title, lossy=lossy,
                     prior=False if prior is None else prior)
