@@ -36,7 +36,8 @@ def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> Ru
         sessions=sessions,
         predictor=Predictor.load(settings.model_path, device=settings.model.device),
         rules=load_rules(settings.series_rules_path),
-        preprocess_config=PreprocessConfig(registration=settings.processing.registration),
+        preprocess_config=PreprocessConfig(registration=settings.processing.registration,
+                                           n4=settings.processing.n4),
         notes=make_notes_source(settings.notes, sessions),
     )
 

@@ -140,6 +140,7 @@ class ProcessingSettings(_Section):
     series_rules: str = ""
     note_window_days: int = Field(365, ge=0)
     registration: Literal["Affine", "AffineFast", "SyN"] = "Affine"
+    n4: bool = True
     executor: Literal["local", "celery"] = "local"
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
 

@@ -1,8 +1,9 @@
 """SR and PDF from a real run, in a real Orthanc: filed under the original study, never twice, valid, readable.
 
 One node processes a Colin27 T1 series sent with storescu (the preprocessing uses
-the fast settings: no N4, AffineFast; the reports do not depend on them), then
-replays the same study; Orthanc must hold one SR and one PDF.
+the fast settings ``processing.n4 = false``, ``registration = "AffineFast"``; the
+reports do not depend on them), then replays the same study; Orthanc must hold
+one SR and one PDF.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from dicom_node.ingest import utcnow
 from dicom_node.localpacs import LocalOrthanc, wait_for
 from model.inference import init_demo_model
 from model.types import CLASSES
-from pipeline.preprocess import PreprocessConfig
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 from structured_reports.concepts import CLASS_LABELS
 from structured_reports.types import DISCLAIMER
@@ -38,7 +38,6 @@ PATIENT = StudyHeader(
     patient_sex="F", study_instance_uid="1.2.826.0.1.3680043.10.1389.99.6", study_date="20261102",
     study_time="101500", accession_number="REP-ACC-6",
 )
-FAST = PreprocessConfig(registration="AffineFast", n4=False)
 RUN_TIMEOUT_S = 150
 
 
@@ -75,10 +74,10 @@ def delivered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Delivered]:
     settings = make_settings(root, **{
         "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
         "model.path": str(model),
+        "processing.registration": "AffineFast",
+        "processing.n4": False,
     })
     node = Node(settings)
-    assert node.context is not None  # the local executor processes runs in this process
-    node.context.preprocess_config = FAST
     node.start()
     try:
         to_pacs = _store(root / "study", pacs.ae_title, pacs.dicom_port)  # the scanner's copy in the PACS
