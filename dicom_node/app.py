@@ -1,4 +1,9 @@
-"""The composition root: builds the node's parts from the settings."""
+"""The composition root: builds the node's parts from the settings.
+
+The processing stack (torch, antspyx, the model) is imported only where runs
+are processed -- in worker processes by default -- so that the listener's
+process stays small and starts quickly.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,23 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.session import open_database
+from dicom_node.executor_process import ProcessExecutor
 from dicom_node.executors import CeleryExecutor, LocalExecutor, RunExecutor
 from dicom_node.ingest import Recorder, Spool
 from dicom_node.notes_store import make_notes_source
-from dicom_node.processing import RunContext, process_run
 from dicom_node.scheduler import Scheduler
 from dicom_node.server import StorageServer
 from dicom_node.settings import Settings
-from model.inference import Predictor
 from pipeline.errors import NodeError
-from pipeline.preprocess import PreprocessConfig
-from pipeline.select import load_rules
+
+if TYPE_CHECKING:
+    from dicom_node.processing import RunContext
+    from model.inference import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +35,15 @@ logger = logging.getLogger(__name__)
 def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> RunContext:
     """Load the model and the rules: what :func:`~dicom_node.processing.process_run` needs.
 
-    Called once per process that processes runs (the node with the local
-    executor, each Celery worker process).
+    Called once per process that processes runs (each worker process of the
+    local executor, the node itself with ``processing.isolation = "thread"``,
+    each Celery worker process).
     """
+    from dicom_node.processing import RunContext
+    from model.inference import Predictor
+    from pipeline.preprocess import PreprocessConfig
+    from pipeline.select import load_rules
+
     return RunContext(
         settings=settings,
         sessions=sessions,
@@ -47,8 +60,18 @@ class Node:
 
     Everything heavy (database, model) is created here, at start-up, from the
     validated settings; a wrong model path stops start-up with a clear error.
-    With ``processing.executor = "celery"`` the node only receives, records,
-    enqueues and delivers: it loads no model, ``dicom-node worker`` processes.
+    By default (``processing.isolation = "process"``) runs are processed by
+    ``processing.workers`` worker processes of the node, each with its own
+    model (:mod:`dicom_node.executor_process`): the node waits here until
+    they are ready, and :attr:`context` and :attr:`predictor` stay None.  With
+    ``"thread"`` the node loads the model itself and processes runs in
+    threads.  With ``processing.executor = "celery"`` the node only receives,
+    records, enqueues and delivers: it loads no model, ``dicom-node worker``
+    processes.
+
+    Worker processes are started with ``spawn``, which imports the main module
+    again: a script that creates a Node must do so under
+    ``if __name__ == "__main__":``.
 
     Parameters
     ----------
@@ -65,21 +88,33 @@ class Node:
         self.db = open_database(settings.database_url)
         self.context: RunContext | None = None
         self.predictor: Predictor | None = None
-        executor: RunExecutor
-        if settings.processing.executor == "celery":
-            executor = CeleryExecutor(settings, self.db.sessions, queue=queue)
-        else:
-            self.context = build_run_context(settings, self.db.sessions)
-            self.predictor = self.context.predictor
-            executor = LocalExecutor(self.execute, self.db.sessions, settings.processing.workers)
         self.server = StorageServer(settings, Spool.from_settings(settings), Recorder(self.db.sessions))
+        processing = settings.processing
+        executor: RunExecutor
+        try:
+            if processing.executor == "celery":
+                executor = CeleryExecutor(settings, self.db.sessions, queue=queue)
+            elif processing.isolation == "thread":
+                self.context = build_run_context(settings, self.db.sessions)
+                self.predictor = self.context.predictor
+                executor = LocalExecutor(self.execute, self.db.sessions, processing.workers)
+            else:
+                executor = ProcessExecutor(settings, self.db.sessions, processing.workers)
+        except BaseException:
+            self.db.engine.dispose()
+            raise
         self.scheduler = Scheduler(settings, self.db.sessions, executor)
         self._stopped = threading.Event()
 
     def execute(self, run_id: str) -> None:
-        """Process one run (the function every executor calls)."""
+        """Process one run in this process (the threads of ``processing.isolation = "thread"`` call it)."""
         if self.context is None:
-            raise NodeError("this node only receives (executor celery): runs are processed by `dicom-node worker`")
+            if self.settings.processing.executor == "celery":
+                raise NodeError("this node only receives (executor celery): runs are processed by "
+                                "`dicom-node worker`")
+            raise NodeError("runs are processed by the node's worker processes (processing.isolation = 'process')")
+        from dicom_node.processing import process_run
+
         process_run(run_id, self.context)
 
     def start(self) -> None:

@@ -239,8 +239,8 @@ def process_run(run_id: str, ctx: RunContext) -> None:
         if incomplete:
             raise NotAnalysed(Outcome.INCOMPLETE_SERIES, incomplete)
         if interrupted:  # crashed the node or its worker every time: tell the radiologist, don't try again
-            raise NotAnalysed(Outcome.PROCESSING_ERROR,
-                              f"processing was interrupted {MAX_ATTEMPTS} times (the node stopped each time)")
+            raise NotAnalysed(Outcome.PROCESSING_ERROR, f"processing was interrupted {MAX_ATTEMPTS} times "
+                                                        "(the node or its worker stopped each time)")
         chosen, prediction, notes_used = _analyse(ctx, run_id, by_series, progress)
     except NotAnalysed as exc:
         not_analysed, state = (exc.outcome, exc.reason), RunState.NOT_ANALYSED

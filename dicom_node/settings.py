@@ -134,9 +134,16 @@ class CompletenessSettings(_Section):
 
 
 class ProcessingSettings(_Section):
-    """The run executor and pipeline options."""
+    """The run executor and pipeline options.
+
+    ``isolation`` applies to the local executor: ``"process"`` runs each of the
+    ``workers`` in its own process (its own model and GIL, so preprocessing
+    cannot stall the DICOM listener); ``"thread"`` runs them as threads of the
+    node's process (one model in memory; for tests and debugging).
+    """
 
     workers: int = Field(1, ge=1, le=64)
+    isolation: Literal["process", "thread"] = "process"
     series_rules: str = ""
     note_window_days: int = Field(365, ge=0)
     registration: Literal["Affine", "AffineFast", "SyN"] = "Affine"

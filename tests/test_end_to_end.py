@@ -137,7 +137,7 @@ def test_restart_resumes_an_unfinished_run(tmp_path: Path, orthanc: LocalOrthanc
         study.needs_run = False
         session.add(Run(id=str(uuid.uuid4()), study_id=study.id, state=RunState.RUNNING.value,
                         created_at=utcnow(), started_at=utcnow()))
-    first.db.engine.dispose()
+    first.stop()  # never started its scheduler: nothing processed
 
     second = Node(settings)
     second.start()
