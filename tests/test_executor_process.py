@@ -121,6 +121,20 @@ def test_runs_are_processed_in_a_worker_process_of_the_node(node: Node, studies:
     wait_for(lambda: gone(worker), 30, "the worker to end with the node")
 
 
+def test_thread_isolation_processes_runs_in_the_nodes_own_process(tmp_path: Path, model: Path,
+                                                                   studies: Path) -> None:
+    node = Node(make_settings(tmp_path, **{"model.path": str(model), "processing.isolation": "thread"}))
+    assert node.context is not None and node.predictor is not None
+    node.start()
+    try:
+        send(node, studies / "loc")
+        (run,) = wait_for(lambda: (done := runs(node)) and done[0].finished_at is not None and done, 60,
+                          "the run to finish")
+        assert run.outcome == "no_suitable_series" and pid_of(run.claimed_by) == os.getpid()
+    finally:
+        node.stop()
+
+
 def test_a_wrong_model_path_stops_start_up_with_the_workers_message(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, **{"model.path": str(tmp_path / "no-model-here")})
     with pytest.raises(NodeError, match=r"run worker process could not start: model directory does not exist: "
