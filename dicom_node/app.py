@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> RunContext:
-    """Load the model and the rules: what :func:`~dicom_node.processing.process_run` needs.
+    """Load the models and the rules: what :func:`~dicom_node.processing.process_run` needs.
+
+    The node's model and the model of each profile that names one
+    (``network.profiles[].model_path``), each directory loaded once.
 
     Called once per process that processes runs (each worker process of the
     local executor, the node itself with ``processing.isolation = "thread"``,
@@ -44,10 +48,21 @@ def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> Ru
     from pipeline.preprocess import PreprocessConfig
     from pipeline.select import load_rules
 
+    predictor = Predictor.load(settings.model_path, device=settings.model.device)
+    loaded = {settings.model_path.resolve(): predictor}
+    profile_predictors: dict[str, Predictor] = {}
+    for profile in settings.network.profiles:
+        if profile.model_path:
+            path = Path(profile.model_path).resolve()
+            if path not in loaded:
+                loaded[path] = Predictor.load(path, device=settings.model.device)
+            profile_predictors[profile.ae_title] = loaded[path]
+            logger.info("profile %s uses model %s", profile.ae_title, loaded[path].info.name)
     return RunContext(
         settings=settings,
         sessions=sessions,
-        predictor=Predictor.load(settings.model_path, device=settings.model.device),
+        predictor=predictor,
+        profile_predictors=profile_predictors,
         rules=load_rules(settings.series_rules_path),
         preprocess_config=PreprocessConfig(registration=settings.processing.registration,
                                            n4=settings.processing.n4),

@@ -7,6 +7,7 @@ recorded; every refusal becomes a "not analysed" report with its reason.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -54,6 +55,12 @@ class RunContext:
     preprocess_config: PreprocessConfig
     software_version: str = "0.1.0"
     notes: NotesSource | None = None
+    #: Called AE title of a profile with its own model (``network.profiles[].model_path``) -> that model.
+    profile_predictors: dict[str, Predictor] = field(default_factory=dict)
+
+    def predictor_for(self, called_ae_title: str | None) -> Predictor:
+        """The model of the profile the study was sent to, or the node's model."""
+        return self.profile_predictors.get(called_ae_title or "", self.predictor)
 
 
 @dataclass
@@ -219,6 +226,7 @@ def process_run(run_id: str, ctx: RunContext) -> None:
         if study is None:
             raise NodeError(f"run {run_id} has no study")
         study_uid = study.study_instance_uid
+        predictor = ctx.predictor_for(study.called_ae_title)
         created_at = run.created_at
         interrupted = run.attempts > MAX_ATTEMPTS
         sequence = session.scalar(
@@ -228,7 +236,9 @@ def process_run(run_id: str, ctx: RunContext) -> None:
         # Edge (completeness): a run created for a study with a series closed incomplete is not analysed.
         incomplete = run.error_reason if run.outcome == Outcome.INCOMPLETE_SERIES.value else None
         run.input_lossy = study_input_lossy(session, run.study_id)
-    logger.info("run %s started for study %s", run_id, study_uid)
+    logger.info("run %s started for study %s (model %s)", run_id, study_uid, predictor.info.name)
+    if predictor is not ctx.predictor:
+        ctx = dataclasses.replace(ctx, predictor=predictor)  # this run uses its profile's model throughout
     progress = _Progress()
     prediction: Prediction | None = None
     not_analysed: tuple[Outcome, str] | None = None

@@ -103,3 +103,25 @@ def test_unavailable_device_is_refused(demo_dir: Path) -> None:
         Predictor.load(demo_dir, device="cuda")
     with pytest.raises(ModelLoadError, match="invalid device 'gpu0'"):
         Predictor.load(demo_dir, device="gpu0")
+
+
+def test_profiles_with_their_own_model_directory_load_each_directory_once(tmp_path: Path) -> None:
+    from dicom_node.app import build_run_context
+    from dicom_node.db.session import open_database
+    from tests.conftest import make_settings
+
+    main = init_demo_model(tmp_path / "main", trained=False, seed=1)
+    other = init_demo_model(tmp_path / "other", trained=False, seed=2)
+    settings = make_settings(tmp_path, **{"model.path": str(main), "network.profiles": [
+        {"ae_title": "RESEARCH", "model_path": str(other)},
+        {"ae_title": "SAME", "model_path": str(main)},
+        {"ae_title": "PLAIN"},
+    ]})
+    ctx = build_run_context(settings, open_database(settings.database_url).sessions)
+    assert ctx.predictor_for("RESEARCH").info.weights_sha256 != ctx.predictor.info.weights_sha256
+    assert ctx.predictor_for("SAME") is ctx.predictor
+    assert ctx.predictor_for("PLAIN") is ctx.predictor and ctx.predictor_for(None) is ctx.predictor
+    wrong = make_settings(tmp_path, **{"model.path": str(main), "network.profiles": [
+        {"ae_title": "RESEARCH", "model_path": str(tmp_path / "missing")}]})
+    with pytest.raises(ModelLoadError, match="missing"):
+        build_run_context(wrong, open_database(wrong.database_url).sessions)

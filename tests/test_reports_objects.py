@@ -289,3 +289,25 @@ def test_every_object_written_here_passes_dciodvfy() -> None:
         result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
         assert errors == [], (path, errors)
+
+
+def test_a_study_sent_to_a_profile_with_its_own_model_is_analysed_and_reported_with_it(study: Study5) -> None:
+    research = ModelInfo(name="Brain-Adapter research", version="0.1-research", weights_sha256="cd" * 32,
+                         demonstration=True, parameters={"preset": "research"})
+    study.ctx.profile_predictors = {"RESEARCH": cast(Predictor, SimpleNamespace(info=research))}
+    used: list[str] = []
+
+    def analysed_with(ctx: RunContext, run_id: str, by_series: dict[str, Any], progress: Any) -> Any:
+        used.append(ctx.predictor.info.name)
+        return analysed(ctx, run_id, by_series, progress)
+
+    first = study.run(analysed_with)  # sent to the node's own AE title: the node's model
+    with study.db.sessions.begin() as session:
+        row = session.get(Study, study.study_id)
+        assert row is not None
+        row.called_ae_title = "RESEARCH"
+    second = study.run(analysed_with, supersedes=first.id)
+    assert used == ["Brain-Adapter", "Brain-Adapter research"]
+    assert (first.model_name, first.model_weights_sha256) == ("Brain-Adapter", "ab" * 32)
+    assert (second.model_name, second.model_weights_sha256) == ("Brain-Adapter research", "cd" * 32)
+    assert study.ctx.predictor.info is MODEL  # the shared context is not changed by a run
