@@ -30,6 +30,8 @@ from tests.chaos.scenarios import (
 from tests.chaos.traffic import PHI_NAME_PREFIX
 from tests.conftest import POSTGRES_URL
 
+SCENARIOS = ("crash", "fuzz", "pacs", "db", "load")
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the harness; exit status 1 when any scenario found a problem."""
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--load-seconds", type=float, default=600)
     parser.add_argument("--root", type=Path, default=Path("var/chaos"))
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
+                        help="run only these scenarios (default: all)")
     args = parser.parse_args(argv)
     shutil.rmtree(args.root, ignore_errors=True)
     args.root.mkdir(parents=True)
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             ("db", lambda: database_outage(args.root, pacs, model, postgres_url=POSTGRES_URL, down_s=20)),
             ("load", lambda: load(args.root, pacs, model, senders=args.senders, duration_s=args.load_seconds)),
         ):
+            if name not in args.only:
+                continue
             print(f"running {name} ...", flush=True)
             results.append(run())
             print(json.dumps(results[-1].figures), flush=True)

@@ -19,6 +19,30 @@ SCANNER_AE = "CHAOS_SCANNER"
 NODE_AE = "AD_NODE"
 
 
+def _rss_kb(pid: int) -> int:
+    """Resident set of a process in KiB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of *pid* (the node's run workers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            found.append(int(stat.parent.name))
+    return found
+
+
 def echo_ok(port: int, ae_title: str = NODE_AE, calling: str = SCANNER_AE) -> bool:
     """True when the node answers C-ECHO."""
     return local_echo_ok(port, ae_title, calling)
@@ -100,15 +124,11 @@ class NodeProcess:
         return True
 
     def _sample(self, proc: subprocess.Popen[bytes]) -> None:
+        """Peak memory of the node and its worker processes together (sum of resident sets, sampled)."""
         pause = threading.Event()
-        status = Path(f"/proc/{proc.pid}/status")
         while proc.poll() is None:
-            try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak_rss_kb = max(self.peak_rss_kb, int(line.split()[1]))
-            except (OSError, ValueError):
-                return
+            total = sum(_rss_kb(pid) for pid in (proc.pid, *_children(proc.pid)))
+            self.peak_rss_kb = max(self.peak_rss_kb, total)
             pause.wait(0.2)
 
     @property
