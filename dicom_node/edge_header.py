@@ -8,8 +8,9 @@ undefined length, PS3.5 7.5), keeps the raw values of the wanted top-level
 elements and jumps over everything else, pixel data included.
 
 It accepts only what it fully understands: the walk must end exactly at the
-end of the data set.  Anything else -- a length past the end, a stray
-delimiter, big endian -- returns None, and the caller falls back to pydicom,
+end of the data set, and every wanted element must be encoded as text.
+Anything else -- a length past the end, a stray delimiter, a date encoded
+with VR AT, big endian -- returns None, and the caller falls back to pydicom,
 whose verdict on malformed input stays the reference.
 """
 
@@ -22,6 +23,9 @@ from pipeline.errors import NodeError
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 table 7.1-1).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+#: Explicit VRs read as text (PS3.5 6.2); UN is read with the dictionary's VR.
+_TEXT_VRS = frozenset({b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"LO", b"LT", b"PN", b"SH", b"ST", b"TM",
+                       b"UC", b"UI", b"UR", b"UT", b"UN"})
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
@@ -63,19 +67,19 @@ def scan_elements(raw: bytes, explicit: bool, wanted: Collection[int]) -> dict[i
     return found if end == len(raw) else None
 
 
-def _element_header(raw: bytes, pos: int, explicit: bool) -> tuple[int, int, int, bool]:
-    """(tag, value length, position of the value, is a sequence) of the element at *pos*."""
+def _element_header(raw: bytes, pos: int, explicit: bool) -> tuple[int, int, int, bytes | None]:
+    """(tag, value length, position of the value, explicit VR or None) of the element at *pos*."""
     group, element, length = _HEADER.unpack_from(raw, pos)
     tag = group << 16 | element
     if group == 0xFFFE or not explicit:  # items and delimiters never carry a VR
-        return tag, length, pos + 8, False
+        return tag, length, pos + 8, None
     _, _, vr, short = _EXPLICIT.unpack_from(raw, pos)
     if vr in _LONG_VRS:
         (long_length,) = struct.unpack_from("<L", raw, pos + 8)
-        return tag, long_length, pos + 12, vr == b"SQ"
+        return tag, long_length, pos + 12, vr
     if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
         raise _UnsupportedEncodingError("not an explicit VR")
-    return tag, short, pos + 8, False
+    return tag, short, pos + 8, vr
 
 
 def _walk(raw: bytes, pos: int, end: int, explicit: bool, wanted: Collection[int] | None,
@@ -91,13 +95,18 @@ def _walk(raw: bytes, pos: int, end: int, explicit: bool, wanted: Collection[int
     while pos < end:
         if end - pos < 8:
             raise _UnsupportedEncodingError("truncated element")
-        tag, length, value, _ = _element_header(raw, pos, explicit)
+        tag, length, value, vr = _element_header(raw, pos, explicit)
         if tag == _ITEM_END:
             if depth == 0 or length != 0:
                 raise _UnsupportedEncodingError("stray item delimiter")
             return -(value)  # negative: ended by an item delimiter
         if tag in (_ITEM, _SEQUENCE_END):
             raise _UnsupportedEncodingError("stray item")
+        if wanted is not None and depth == 0 and tag in wanted and (
+                length == _UNDEFINED or (vr is not None and vr not in _TEXT_VRS)):
+            # a wanted attribute encoded as something other than text (e.g. a date as AT):
+            # pydicom reads it with that VR later, so pydicom must judge it now
+            raise _UnsupportedEncodingError("a wanted element is not encoded as text")
         if length == _UNDEFINED:
             # a sequence (SQ, or UN/implicit holding one) or encapsulated pixel data: items up to a delimiter
             pos = _skip_items(raw, value, end, explicit, depth + 1)

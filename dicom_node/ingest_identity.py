@@ -21,6 +21,7 @@ from io import BytesIO
 
 from pydicom import Dataset
 from pydicom.charset import convert_encodings, decode_bytes, python_encoding
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
@@ -106,6 +107,9 @@ _COPIED: tuple[tuple[str, int, str], ...] = (
     ("ReferringPhysicianName", 320, "PN"), ("StudyDescription", 64, "LO"), ("IssuerOfPatientID", 64, "LO"),
 )
 _SPECIFIC_CHARACTER_SET = 0x00080005
+#: VRs read as text (PS3.5 6.2); UN is read with the dictionary's VR.
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR",
+                       "UT", "UN"})
 #: What the handler reads: the copied attributes, the identity, the lossy flag, the character set.
 _SCANNED = frozenset(int(Tag(keyword)) for keyword in (
     *(keyword for keyword, _, _ in _COPIED), "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID",
@@ -166,6 +170,10 @@ class Header:
         if element is None:
             return None
         if isinstance(element, RawDataElement):
+            if element.VR is not None and element.VR not in _TEXT_VRS:
+                # e.g. a date sent with VR AT: pydicom would read tags, and reports copy what pydicom reads
+                raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND,
+                                       f"{keyword_for_tag(element.tag)} is encoded with VR {element.VR}, not as text")
             return element.value or b""
         if isinstance(element, DataElement):
             return element
@@ -195,6 +203,8 @@ class Header:
                 else:
                     text = value.decode("ascii").strip(" \0")
                 multiple = "\\" in text
+        except RejectedInstance:
+            raise
         except Exception as exc:  # any decoding failure of untrusted bytes
             raise RejectedInstance(
                 StoreStatus.CANNOT_UNDERSTAND, f"{keyword} cannot be decoded ({type(exc).__name__})"

@@ -157,3 +157,25 @@ def test_big_endian_is_read_by_pydicom() -> None:
         read_identity(raw, ExplicitVRBigEndian, MRImageStorage + ".0")
     ident, lossy = read_identity(raw, ExplicitVRBigEndian, reference.SOPClassUID)
     assert ident.sop_instance_uid == reference.SOPInstanceUID and not lossy
+
+
+@pytest.mark.parametrize("vr", [b"AT", b"OB", b"US"])
+def test_a_wanted_attribute_with_a_non_text_vr_is_judged_by_pydicom(vr: bytes) -> None:
+    """Found by the chaos fuzzer: a StudyDate sent with VR AT decodes as text but pydicom reads two tags."""
+    ds = _mr(StudyDate="20261110")
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    raw = data[132 + 12 + int.from_bytes(data[140:144], "little"):]
+    marker = b"\x08\x00\x20\x00DA\x08\x00"
+    assert raw.count(marker) == 1
+    if vr == b"OB":  # a long VR: reserved bytes and a 4-byte length
+        raw = raw.replace(marker, b"\x08\x00\x20\x00OB\x00\x00\x08\x00\x00\x00")
+    else:
+        raw = raw.replace(marker, b"\x08\x00\x20\x00" + vr + b"\x08\x00")
+    assert scan_elements(raw, True, WANTED) is None
+    with pytest.raises(RejectedInstance) as reference:
+        identify(decode_dataset(raw, ExplicitVRLittleEndian), MRImageStorage)
+    with pytest.raises(RejectedInstance) as actual:
+        read_identity(raw, ExplicitVRLittleEndian, MRImageStorage)
+    assert actual.value.reason == reference.value.reason and "StudyDate" in actual.value.reason
