@@ -30,7 +30,9 @@ import os
 import pstats
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,7 +40,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from dicom_node.db.session import open_database
+from dicom_node.db.session import CHECKPOINT_INTERVAL_S, checkpoint, open_database
 from dicom_node.ingest import Recorder, Spool
 from dicom_node.localpacs import free_port, wait_for
 from dicom_node.server import StorageServer
@@ -120,7 +122,22 @@ def start_node(work: Path, fsync: bool) -> StorageServer:
     db = open_database(settings.database_url)
     server = StorageServer(settings, Spool.from_settings(settings), Recorder(db.sessions))
     server.start()
+    stop = threading.Event()
+
+    def checkpoints() -> None:  # what the node's scheduler does meanwhile (SQLite WAL checkpoints)
+        while not stop.wait(CHECKPOINT_INTERVAL_S):
+            checkpoint(db.engine)
+
+    threading.Thread(target=checkpoints, daemon=True).start()
+    server.stop = _chain(server.stop, stop.set)  # type: ignore[method-assign]
     return server
+
+
+def _chain(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        then()
+    return both
 
 
 def bench_node(files: list[Path], work: Path, fsync: bool, profile: bool = False) -> tuple[float, str]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from sqlalchemy import update
+from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.completeness import complete_quiet_series, create_runs
 from dicom_node.db.models import Run, RunState
+from dicom_node.db.session import CHECKPOINT_INTERVAL_S, checkpoint
 from dicom_node.delivery import deliver_due
 from dicom_node.executors import LocalExecutor, RunExecutor
 from dicom_node.settings import Settings
@@ -58,6 +60,7 @@ class Scheduler:
         self._delivering: Future[int] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._checkpointed_at = 0.0
 
     def start(self) -> None:
         """Resume unfinished runs (when they are this node's) and start the loop."""
@@ -81,6 +84,11 @@ class Scheduler:
         self.executor.dispatch()
         if self._delivering is None or self._delivering.done():
             self._delivering = self._delivery_pool.submit(deliver_due, self.sessions, self.settings)
+        now = time.monotonic()
+        engine = self.sessions.kw.get("bind")
+        if isinstance(engine, Engine) and now - self._checkpointed_at >= CHECKPOINT_INTERVAL_S:
+            checkpoint(engine)
+            self._checkpointed_at = now
 
     def _loop(self) -> None:
         interval = self.settings.completeness.poll_interval_s
