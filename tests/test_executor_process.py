@@ -28,7 +28,8 @@ from dicom_node.settings import Settings
 from model.inference import init_demo_model
 from pipeline.errors import NodeError
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
-from tests.conftest import make_settings, require_tool
+from tests.conftest import make_settings
+from tests.test_end_to_end import send
 
 PATIENTS = [
     StudyHeader(patient_name=f"Workers^Testpatient{n}", patient_id=f"WRK-PID-{n:04d}", patient_birth_date="19450505",
@@ -66,14 +67,6 @@ def node(tmp_path: Path, model: Path) -> Iterator[Node]:
         yield running
     finally:
         running.stop()
-
-
-def send(node: Node, directory: Path) -> None:
-    result = subprocess.run(
-        [require_tool("storescu"), "-aet", "SCANNER", "-aec", node.settings.network.ae_title, "+sd", "+r",
-         "127.0.0.1", str(node.server.port), str(directory)], capture_output=True, text=True, timeout=120,
-        check=False)
-    assert result.returncode == 0, result.stderr
 
 
 def runs(node: Node) -> list[Run]:
