@@ -22,8 +22,9 @@ killer, a crash in native code, SIGKILL) takes nothing down but itself, and the
 node knows which run it held.  That run goes back to the queue, as the runs of
 a killed node do at its restart: ``attempts`` counts the claims, so a run that
 kills its worker every time gets the "not analysed: processing was
-interrupted" report at its fourth claim and ends failed if even that is lost
-(:data:`~dicom_node.executors.MAX_ATTEMPTS`).  Another worker is started in the
+interrupted" report from its fourth claim on and ends failed only if that is
+lost too, several times (:data:`~dicom_node.executors.MAX_ATTEMPTS`,
+:data:`~dicom_node.executors.REPORT_ONLY_CLAIMS`).  Another worker is started in the
 dead one's place.
 
 Workers die with the node: each asks Linux for SIGKILL when its parent goes

@@ -80,9 +80,12 @@ logger = logging.getLogger(__name__)
 ENQUEUED = "(enqueued)"
 #: Claims of one run (first claim plus takeovers) before it is marked failed.
 MAX_ATTEMPTS = 3
-#: After MAX_ATTEMPTS lost workers one more claim is allowed: it only writes the "not analysed: processing was
-#: interrupted" report, so that the radiologist is told; a run lost even then ends failed.
-ATTEMPT_LIMIT = MAX_ATTEMPTS + 1
+#: After MAX_ATTEMPTS lost workers, further claims only write the "not analysed: processing was interrupted"
+#: report, so that the radiologist is told.  That takes a few seconds and reads no pixel data, but the chaos
+#: harness (a SIGKILL every few seconds) still lost a single report-only claim in 2 of 92 studies, which then
+#: ended failed without a report: so it gets this many tries before the run ends failed.
+REPORT_ONLY_CLAIMS = 5
+ATTEMPT_LIMIT = MAX_ATTEMPTS + REPORT_ONLY_CLAIMS
 #: Seconds before a task retries a run that a live worker holds.
 BUSY_RETRY_S = 30.0
 #: Runs the Celery executor publishes per scheduler tick.
