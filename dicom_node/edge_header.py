@@ -23,6 +23,10 @@ from pipeline.errors import NodeError
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 table 7.1-1).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+#: Every VR of PS3.5 table 6.2-1.
+_KNOWN_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB",
+                        b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
+                        b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"})
 #: Explicit VRs read as text (PS3.5 6.2); UN is read with the dictionary's VR.
 _TEXT_VRS = frozenset({b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"LO", b"LT", b"PN", b"SH", b"ST", b"TM",
                        b"UC", b"UI", b"UR", b"UT", b"UN"})
@@ -77,8 +81,8 @@ def _element_header(raw: bytes, pos: int, explicit: bool) -> tuple[int, int, int
     if vr in _LONG_VRS:
         (long_length,) = struct.unpack_from("<L", raw, pos + 8)
         return tag, long_length, pos + 12, vr
-    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-        raise _UnsupportedEncodingError("not an explicit VR")
+    if vr not in _KNOWN_VRS:
+        raise _UnsupportedEncodingError("not a known VR")
     return tag, short, pos + 8, vr
 
 

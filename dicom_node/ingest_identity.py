@@ -35,11 +35,12 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     MRImageStorage,
 )
-from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
+from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS, VR
 
 from dicom_node.edge_header import scan_elements
 from dicom_node.statuses import StoreStatus
 from pipeline.errors import InvalidInstanceError
+from structured_reports.charset import report_character_set
 
 ACCEPTED_SOP_CLASSES = frozenset({MRImageStorage, EnhancedMRImageStorage})
 _ALWAYS_LOSSY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless})
@@ -107,6 +108,7 @@ _COPIED: tuple[tuple[str, int, str], ...] = (
     ("ReferringPhysicianName", 320, "PN"), ("StudyDescription", 64, "LO"), ("IssuerOfPatientID", 64, "LO"),
 )
 _SPECIFIC_CHARACTER_SET = 0x00080005
+_KNOWN_VRS = frozenset(vr.value for vr in VR if " or " not in vr.value)
 #: VRs read as text (PS3.5 6.2); UN is read with the dictionary's VR.
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR",
                        "UT", "UN"})
@@ -146,6 +148,11 @@ class Header:
             if name and name not in python_encoding:
                 raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND,
                                        "SpecificCharacterSet names an unknown character set")
+        try:
+            report_character_set(names)
+        except ValueError as exc:  # highdicom could not write the report: refuse now, not at report time
+            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND,
+                                   f"SpecificCharacterSet cannot be carried into a report ({exc})") from exc
         self.encodings = convert_encodings(names or None)
 
     def _charset_names(self) -> list[str]:
@@ -286,6 +293,10 @@ def identify(ds: Dataset, context_sop_class: str) -> InstanceIdentity:
     RejectedInstance
         Not an MR image, UIDs missing or malformed, or a mismatch with the request.
     """
+    for element in ds.elements():  # raw elements: nothing is converted here
+        vr = getattr(element, "VR", None)
+        if vr is not None and vr not in _KNOWN_VRS:  # pydicom reads it, but no value of it converts later
+            raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"element {Tag(element.tag)} has an unknown VR")
     return _identify(Header(ds), context_sop_class)
 
 

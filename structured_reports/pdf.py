@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from model.types import CLASSES
+from structured_reports.charset import report_character_set
 from structured_reports.concepts import CLASS_LABELS
 from structured_reports.sr import DEMONSTRATION_TEXT, NOT_ANALYSED_PREFIX, check_report_input
 from structured_reports.texts import notes_text, summary_text, supersedes_text, versions_text
@@ -223,7 +224,7 @@ def build_pdf(
         device_serial_number=report.device.serial_number,
         content_date=when.date(),
         content_time=when.time(),
-        specific_character_set=first.get("SpecificCharacterSet"),
+        specific_character_set=report_character_set(first.get("SpecificCharacterSet")),
     )
     ds.copy_patient_and_study_information(first)
     # SC Equipment module: the document was made on a workstation.

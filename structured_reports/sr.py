@@ -38,6 +38,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from model.types import CLASSES
+from structured_reports.charset import report_character_set
 from structured_reports.concepts import (
     CLASS_CONCEPTS,
     QUALITATIVE_EVALUATIONS,
@@ -177,6 +178,7 @@ def build_sr(
         is_verified=False,
         previous_versions=[predecessor] if predecessor is not None else None,
         contributing_equipment=_contributing_equipment(report, when),
+        specific_character_set=report_character_set(first.get("SpecificCharacterSet")),
         series_description=SR_SERIES_DESCRIPTION,
         manufacturer_model_name=report.device.model_name,
         software_versions=report.device.software_version,

@@ -122,6 +122,7 @@ def _mr(**values: object) -> Dataset:
     {"PatientID": "A\\B"},
     {"StudyDate": "20261340"},
     {"SpecificCharacterSet": "ISO_IR 999"},
+    {"SpecificCharacterSet": "ISO 2022 IR 100", "PatientName": "Müller^Jürgen"},  # found by the chaos fuzzer
     {"Modality": "CT"},
 ])
 def test_read_identity_agrees_with_the_pydicom_path(syntax: str, values: dict[str, object]) -> None:
@@ -179,3 +180,18 @@ def test_a_wanted_attribute_with_a_non_text_vr_is_judged_by_pydicom(vr: bytes) -
     with pytest.raises(RejectedInstance) as actual:
         read_identity(raw, ExplicitVRLittleEndian, MRImageStorage)
     assert actual.value.reason == reference.value.reason and "StudyDate" in actual.value.reason
+
+
+def test_an_element_with_an_unknown_vr_is_refused_on_both_paths() -> None:
+    """Found by the chaos fuzzer: an unknown VR passed ingest and made the run fail when headers were converted."""
+    ds = _mr(StudyDescription="Brain")
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    raw = data[132 + 12 + int.from_bytes(data[140:144], "little"):]
+    marker = b"\x08\x00\x30\x10LO"  # (0008,1030) Study Description
+    assert raw.count(marker) == 1
+    raw = raw.replace(marker, b"\x08\x00\x30\x10JS")
+    assert scan_elements(raw, True, WANTED) is None
+    with pytest.raises(RejectedInstance, match=r"\(0008,1030\) has an unknown VR"):
+        read_identity(raw, ExplicitVRLittleEndian, MRImageStorage)

@@ -484,3 +484,14 @@ def test_long_model_name_and_version_still_give_a_valid_sr(mr_series: list[Datas
     sr = build(mr_series, replace(report, model=long_model))
     assert require_valid(sr, workdir=tmp_path).ok
     assert any(long_model.name in text for text in texts(roundtrip(sr)))  # the full name stays in the text items
+
+
+def test_a_japanese_source_s_character_set_is_written_as_highdicom_requires() -> None:
+    """PS3.5 writes the default repertoire as an empty first value; highdicom wants ISO 2022 IR 6 (found by chaos)."""
+    sources = make_mr_series(4)
+    for ds in sources:
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = "Yamada^Tarou=山田^太郎"
+    sr = build(sources, make_report())
+    assert list(sr.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    assert str(roundtrip(sr).PatientName) == "Yamada^Tarou=山田^太郎"
