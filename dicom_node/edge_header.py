@@ -19,17 +19,19 @@ from __future__ import annotations
 import struct
 from collections.abc import Collection
 
+from pydicom.valuerep import VR
+
 from pipeline.errors import NodeError
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 table 7.1-1).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-#: Every VR of PS3.5 table 6.2-1.
-_KNOWN_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB",
-                        b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
-                        b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"})
-#: Explicit VRs read as text (PS3.5 6.2); UN is read with the dictionary's VR.
-_TEXT_VRS = frozenset({b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"LO", b"LT", b"PN", b"SH", b"ST", b"TM",
-                       b"UC", b"UI", b"UR", b"UT", b"UN"})
+#: Every VR of PS3.5 table 6.2-1 (pydicom's list, without its "US or SS"-style ambiguities).
+KNOWN_VRS = frozenset(vr.value for vr in VR if " or " not in vr.value)
+#: VRs read as text (PS3.5 6.2); UN is read with the dictionary's VR.
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR",
+                      "UT", "UN"})
+_KNOWN_VRS = frozenset(vr.encode("ascii") for vr in KNOWN_VRS)
+_TEXT_VRS = frozenset(vr.encode("ascii") for vr in TEXT_VRS)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D

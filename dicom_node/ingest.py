@@ -101,15 +101,6 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
     return b"".join((b"\x00" * 128, b"DICM", group_length, body))
 
 
-def part10_bytes(dataset: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
-                 source_ae_title: str) -> bytes:
-    """The DICOM file of an encoded dataset (:func:`part10_header` followed by the data set).
-
-    Equivalent to pynetdicom's ``event.encoded_dataset()``.
-    """
-    return part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae_title) + dataset
-
-
 #: How long a measured free-space figure of the spool is trusted.
 FREE_SPACE_TTL_S = 0.5
 

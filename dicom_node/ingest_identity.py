@@ -35,9 +35,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     MRImageStorage,
 )
-from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS, VR
+from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
 
-from dicom_node.edge_header import scan_elements
+from dicom_node.edge_header import KNOWN_VRS, TEXT_VRS, scan_elements
 from dicom_node.statuses import StoreStatus
 from pipeline.errors import InvalidInstanceError
 from structured_reports.charset import report_character_set
@@ -108,10 +108,6 @@ _COPIED: tuple[tuple[str, int, str], ...] = (
     ("ReferringPhysicianName", 320, "PN"), ("StudyDescription", 64, "LO"), ("IssuerOfPatientID", 64, "LO"),
 )
 _SPECIFIC_CHARACTER_SET = 0x00080005
-_KNOWN_VRS = frozenset(vr.value for vr in VR if " or " not in vr.value)
-#: VRs read as text (PS3.5 6.2); UN is read with the dictionary's VR.
-_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR",
-                       "UT", "UN"})
 #: What the handler reads: the copied attributes, the identity, the lossy flag, the character set.
 _SCANNED = frozenset(int(Tag(keyword)) for keyword in (
     *(keyword for keyword, _, _ in _COPIED), "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID",
@@ -177,7 +173,7 @@ class Header:
         if element is None:
             return None
         if isinstance(element, RawDataElement):
-            if element.VR is not None and element.VR not in _TEXT_VRS:
+            if element.VR is not None and element.VR not in TEXT_VRS:
                 # e.g. a date sent with VR AT: pydicom would read tags, and reports copy what pydicom reads
                 raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND,
                                        f"{keyword_for_tag(element.tag)} is encoded with VR {element.VR}, not as text")
@@ -295,7 +291,7 @@ def identify(ds: Dataset, context_sop_class: str) -> InstanceIdentity:
     """
     for element in ds.elements():  # raw elements: nothing is converted here
         vr = getattr(element, "VR", None)
-        if vr is not None and vr not in _KNOWN_VRS:  # pydicom reads it, but no value of it converts later
+        if vr is not None and vr not in KNOWN_VRS:  # pydicom reads it, but no value of it converts later
             raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"element {Tag(element.tag)} has an unknown VR")
     return _identify(Header(ds), context_sop_class)
 

@@ -253,12 +253,12 @@ def test_duplicate_policy(tmp_path: Path, policy: str) -> None:
 def _sha(path: Path) -> str:
     import hashlib
 
-    from dicom_node.ingest import part10_bytes
+    from dicom_node.ingest import part10_header
 
     ds = dcmread(path)
     raw = path.read_bytes()
     start = 132 + 12 + int.from_bytes(raw[140:144], "little")
-    data = part10_bytes(raw[start:], ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID, "SCANNER")
+    data = part10_header(ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID, "SCANNER") + raw[start:]
     return hashlib.sha256(data).hexdigest()
 
 
