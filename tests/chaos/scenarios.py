@@ -229,10 +229,15 @@ def hostile_input(root: Path, pacs: LocalOrthanc, model: Path, *, count: int, se
 
 
 def load(root: Path, pacs: LocalOrthanc, model: Path, *, senders: int, duration_s: float,
-         t1_every: int = 10) -> Findings:
-    """Several senders for a while; instances/s, turnaround percentiles, memory, losses."""
+         t1_every: int = 10, incomplete_limit_s: float | None = None) -> Findings:
+    """Several senders for a while; instances/s, turnaround percentiles, memory, losses.
+
+    *incomplete_limit_s* shortens ``completeness.incomplete_limit_s`` (default 600 s) for a short run whose
+    wait for reports is shorter: a series left incomplete then still gets its "not analysed" report in time.
+    """
     findings = Findings("load")
-    node = NodeProcess(root / "load", pacs, model)
+    env = {} if incomplete_limit_s is None else {"DICOM_NODE_COMPLETENESS__INCOMPLETE_LIMIT_S": str(incomplete_limit_s)}
+    node = NodeProcess(root / "load", pacs, model, extra_env=env)
     node.start()
     db = node_db(node)
     ledger, stop = Ledger(), threading.Event()
