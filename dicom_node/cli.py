@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,6 +206,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         from dicom_node.app import Node
 
+        # ``kill -USR1 <pid>`` writes every thread's stack to stderr (code locations only, no data),
+        # for diagnosing a node that seems stuck without stopping it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         Node(settings).serve_forever()
     elif args.command == "db":
         from dicom_node.db.session import upgrade

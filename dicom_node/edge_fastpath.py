@@ -39,6 +39,7 @@ from typing import Any
 from pynetdicom.pdu import A_ABORT_RQ
 
 from dicom_node.edge_dimse import ProtocolError, StoreAssembler, StoreFunction, p_data_pdus
+from dicom_node.requestor import checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -249,9 +250,8 @@ def _assoc_reactor(self: Any) -> None:
     self._is_paused = False
     messages = self.dimse.msg_queue
     while not self._kill:
-        self._is_paused = True
-        self._reactor_checkpoint.wait()
-        self._is_paused = False
+        if not checkpoint(self):  # a send_*() call took over after the wait: its response is its own
+            continue
         try:
             context_id, msg = messages.get(timeout=IDLE_WAIT_S)
         except queue.Empty:

@@ -10,6 +10,7 @@ processes the run ids the node sends, one at a time, answering ``done``.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -130,6 +131,7 @@ def worker_main(conn: Connection, settings: Settings, log_config: LogConfig, par
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = _StopSignal()
     signal.signal(signal.SIGTERM, stop)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # like ``dicom-node serve``: stacks to stderr
     log_config.apply()
     try:
         from dicom_node.app import build_run_context

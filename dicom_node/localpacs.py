@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.requestor import associate
 from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def echo_ok(port: int, ae_title: str, calling_ae_title: str, host: str = "127.0.
             return False
     ae = AE(ae_title=calling_ae_title)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    assoc = associate(ae, host, port, ae_title=ae_title)
     if not assoc.is_established:
         return False
     response = assoc.send_c_echo()

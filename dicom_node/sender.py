@@ -17,6 +17,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.requestor import associate
 from dicom_node.settings import Destination, Settings
 from dicom_node.statuses import FailureClass, RejectResult, classify_store_status, is_success, is_warning
 from dicom_node.tls import client_context
@@ -57,8 +58,8 @@ def _associate(ae: AE, destination: Destination, settings: Settings) -> tuple[As
     opened: list[bool] = []
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda event: opened.append(True))]
     tls_args = (client_context(settings.network.tls), destination.host) if destination.tls else None
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
-                         evt_handlers=handlers)
+    assoc = associate(ae, destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
+                      evt_handlers=handlers)
     if assoc.is_established:
         return assoc, None
     if assoc.is_rejected:

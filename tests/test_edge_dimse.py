@@ -24,6 +24,7 @@ from dicom_node.edge_dimse import (
     encode_store_response,
     p_data_pdus,
 )
+from dicom_node.requestor import associate
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
 from tests.test_edge_ingest import edge_server, mr_series
@@ -152,7 +153,7 @@ def test_mixed_association_through_the_lean_path(tmp_path: Path) -> None:
         ae = AE(ae_title="SCANNER")
         ae.requested_contexts = [build_context(MRImageStorage, [ExplicitVRLittleEndian]),
                                  build_context(Verification)]
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="AD_NODE")
+        assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
         assert assoc.is_established
         try:
             assert assoc.send_c_store(good[0]).Status == StoreStatus.SUCCESS

@@ -27,6 +27,7 @@ from dicom_node.db.session import open_database
 from dicom_node.edge_access import destinations_for
 from dicom_node.ingest import Recorder, Spool, utcnow
 from dicom_node.localpacs import wait_for
+from dicom_node.requestor import associate
 from dicom_node.server import StorageServer
 from dicom_node.settings import Settings
 from dicom_node.statuses import StoreStatus
@@ -165,7 +166,7 @@ def test_association_limit_and_free_disk_reserve(tmp_path: Path) -> None:
     with edge_server(settings) as server:
         ae = AE(ae_title="SCANNER")
         ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-        held = ae.associate("127.0.0.1", server.port, ae_title="AD_NODE")
+        held = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
         assert held.is_established
         assert echoscu(server.port) != 0                      # over network.max_associations
         assert held.send_c_store(dcmread(files[0])).Status == StoreStatus.SUCCESS
@@ -188,7 +189,7 @@ def test_aborted_association_is_quarantined_and_a_resend_restores_it(tmp_path: P
     with edge_server(make_settings(tmp_path)) as server:
         ae = AE(ae_title="SCANNER")
         ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="AD_NODE")
+        assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
         for path in files[:2]:
             assert assoc.send_c_store(dcmread(path)).Status == StoreStatus.SUCCESS
         assoc.abort()

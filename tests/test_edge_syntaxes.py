@@ -28,6 +28,7 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from dicom_node.db.models import Instance
+from dicom_node.requestor import associate
 from dicom_node.statuses import StoreStatus
 from pipeline.convert import convert_series
 from tests.conftest import make_settings, require_tool
@@ -83,7 +84,7 @@ def test_each_lossless_syntax_is_accepted_and_decodes_in_the_pipeline(tmp_path: 
         for n, syntax in enumerate(SYNTAXES):
             ae = AE(ae_title="SCANNER")
             ae.add_requested_context(MRImageStorage, [syntax])
-            assoc = ae.associate("127.0.0.1", server.port, ae_title="AD_NODE")
+            assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
             assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == syntax
             for path in _encode(original, syntax, tmp_path / f"ts{n}"):
                 assert assoc.send_c_store(dcmread(path)).Status == StoreStatus.SUCCESS, syntax
@@ -106,7 +107,7 @@ def test_htj2k_and_lossy_syntaxes_negotiated_by_setting(tmp_path: Path, accept_l
         ae = AE(ae_title="SCANNER")
         for syntax in (HTJ2KLossless, JPEGBaseline8Bit, ExplicitVRLittleEndian):
             ae.add_requested_context(MRImageStorage, [syntax])
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="AD_NODE")
+        assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
         accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
         assoc.release()
     assert HTJ2KLossless in accepted and ExplicitVRLittleEndian in accepted

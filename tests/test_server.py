@@ -17,6 +17,7 @@ from sqlalchemy import select
 from dicom_node.db.models import Instance, Rejection, Series, Study
 from dicom_node.db.session import Database
 from dicom_node.ingest import Recorder, Spool
+from dicom_node.requestor import associate
 from dicom_node.server import StorageServer
 from dicom_node.settings import Settings
 from dicom_node.statuses import StoreStatus
@@ -127,7 +128,7 @@ def test_corrupt_dataset_gets_failure_status_and_reason(
         fh.write(b"\x20\x00\x0d\x00UI\xff\x7f1.2.840")
     ae = AE(ae_title="SCANNER")
     ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", server.port, ae_title="AD_NODE")
+    assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
     assert assoc.is_established
     status = assoc.send_c_store(path)
     assoc.release()

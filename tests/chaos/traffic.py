@@ -14,6 +14,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import MRImageStorage
 from pynetdicom import AE, _config
 
+from dicom_node.requestor import associate
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 from tests.chaos.node_process import NODE_AE, SCANNER_AE
 
@@ -85,7 +86,7 @@ def send_files(port: int, files: Iterable[Path], ledger: Ledger, *, calling: str
     # Files are always sent as they are on disk, unparsed (a process-wide pynetdicom switch, so it is
     # never turned off again: senders run in parallel threads).
     _config.STORE_SEND_CHUNKED_DATASET = True
-    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    assoc = associate(ae, "127.0.0.1", port, ae_title=NODE_AE)
     if not assoc.is_established:
         return dict.fromkeys(paths)
     for path in paths:
