@@ -13,8 +13,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicom_node.db.models import Delivery, DeliveryState, Instance, Run, RunState, Study
+from dicom_node.db.models import AssociationLog, Delivery, DeliveryState, Instance, Run, RunState, Study
 from dicom_node.db.session import Database, open_database
+from dicom_node.edge_assoc import Outcome
 from dicom_node.localpacs import LocalOrthanc, wait_for
 from tests.chaos.fuzz import generate
 from tests.chaos.node_process import NodeProcess, echo_ok
@@ -229,15 +230,10 @@ def hostile_input(root: Path, pacs: LocalOrthanc, model: Path, *, count: int, se
 
 
 def load(root: Path, pacs: LocalOrthanc, model: Path, *, senders: int, duration_s: float,
-         t1_every: int = 10, incomplete_limit_s: float | None = None) -> Findings:
-    """Several senders for a while; instances/s, turnaround percentiles, memory, losses.
-
-    *incomplete_limit_s* shortens ``completeness.incomplete_limit_s`` (default 600 s) for a short run whose
-    wait for reports is shorter: a series left incomplete then still gets its "not analysed" report in time.
-    """
+         t1_every: int = 10) -> Findings:
+    """Several senders for a while; instances/s, turnaround percentiles, memory, losses."""
     findings = Findings("load")
-    env = {} if incomplete_limit_s is None else {"DICOM_NODE_COMPLETENESS__INCOMPLETE_LIMIT_S": str(incomplete_limit_s)}
-    node = NodeProcess(root / "load", pacs, model, extra_env=env)
+    node = NodeProcess(root / "load", pacs, model)
     node.start()
     db = node_db(node)
     ledger, stop = Ledger(), threading.Event()
@@ -282,6 +278,12 @@ def load(root: Path, pacs: LocalOrthanc, model: Path, *, senders: int, duration_
     turnaround = sorted(seen[s.study_instance_uid] - ledger.last_sent[s.study_instance_uid]
                         for s in studies if s.study_instance_uid in seen)
     check_outcome(node, db, pacs, ledger, studies, findings)
+    with db.sessions() as session:
+        aborted = session.scalar(select(func.count(AssociationLog.id)).where(AssociationLog.outcome == Outcome.ABORTED))
+    findings.figures["C-STOREs without response"] = ledger.dropped
+    findings.figures["associations aborted"] = aborted
+    if ledger.dropped or aborted:  # nothing is killed here: every C-STORE must be answered, every association released
+        findings.problems.append(f"{ledger.dropped} C-STORE(s) without response, {aborted} association(s) aborted")
     findings.figures.update({
         "senders": senders, "duration (s)": round(elapsed),
         "instances/s": round(len(ledger.acked) / elapsed, 1), "studies": len(studies),
