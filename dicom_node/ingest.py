@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydicom.uid import (
     HTJ2K,
@@ -41,7 +41,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -247,14 +247,20 @@ def duplicate_decision(policy: str, prior: Prior | None, digest: str) -> Duplica
 #: The instance columns written on every receipt (besides its UID and series).
 _INSTANCE_VALUES = ("sop_class_uid", "transfer_syntax_uid", "calling_ae_title", "peer_address", "spool_path",
                     "size_bytes", "sha256", "received_at", "association_id", "quarantined", "lossy")
+#: The columns of a study and of a series row created by their first instance.
+_STUDY_VALUES = ("study_instance_uid", "patient_id", "issuer_of_patient_id", "accession_number", "study_date",
+                 "first_received_at", "last_received_at", "needs_run")
+_SERIES_VALUES = ("series_instance_uid", "study_id", "modality", "series_number", "series_description", "state",
+                  "first_received_at", "last_received_at", "instance_count")
 
 
 class Recorder:
     """Records received and rejected instances in the database.
 
-    The per-instance statements are built once and run on a plain Core
-    connection (no ORM unit of work): one lookup before the write, one
-    transaction of three statements after it.
+    The per-instance statements are SQLAlchemy Core, compiled once and run on
+    the driver's cursor (:mod:`dicom_node.db.driver`): one lookup before the
+    file is written, one transaction after it (the instance row, its series and
+    study re-opened; the study and series looked up or created when not cached).
     """
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
@@ -267,63 +273,61 @@ class Recorder:
         self._lock = threading.Lock()
         self._study_ids: dict[str, int] = {}
         self._series_ids: dict[str, int] = {}
-        self._q_prior = select(Instance.sha256, Instance.quarantined, Instance.id).where(
-            Instance.sop_instance_uid == bindparam("uid"))
-        self._q_instance = select(Instance.id, Instance.quarantined).where(
-            Instance.sop_instance_uid == bindparam("uid"))
-        self._q_study = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
-        self._q_series = select(Series.id).where(Series.series_instance_uid == bindparam("uid"))
-        self._ins_instance = insert(Instance)
-        self._upd_instance = update(Instance).where(Instance.id == bindparam("row_id"))
-        self._upd_series = update(Series).where(Series.id == bindparam("series_id")).values(
+        engine = self.engine
+        self._prior = DriverStatement(engine, select(Instance.sha256, Instance.quarantined, Instance.id).where(
+            Instance.sop_instance_uid == bindparam("uid")))
+        self._find_study = DriverStatement(engine, select(Study.id).where(
+            Study.study_instance_uid == bindparam("uid")))
+        self._add_study = DriverStatement(engine, insert(Study).returning(Study.id), _STUDY_VALUES)
+        self._find_series = DriverStatement(engine, select(Series.id).where(
+            Series.series_instance_uid == bindparam("uid")))
+        self._add_series = DriverStatement(engine, insert(Series).returning(Series.id), _SERIES_VALUES)
+        self._add_instance = DriverStatement(engine, insert(Instance), ("sop_instance_uid", "series_id",
+                                                                         *_INSTANCE_VALUES))
+        self._update_instance = DriverStatement(engine, update(Instance).where(
+            Instance.id == bindparam("row_id")).values({key: bindparam(key) for key in ("series_id",
+                                                                                          *_INSTANCE_VALUES)}))
+        self._reopen_series = DriverStatement(engine, update(Series).where(
+            Series.id == bindparam("series_id")).values(
             last_received_at=bindparam("now"), state=SeriesState.RECEIVING.value, completed_at=None,
-            instance_count=Series.instance_count + bindparam("added"))
-        self._upd_study = update(Study).where(Study.id == bindparam("study_id")).values(
-            last_received_at=bindparam("now"), needs_run=True)
-        self._upd_study_ae = update(Study).where(Study.id == bindparam("study_id")).values(
-            last_received_at=bindparam("now"), needs_run=True, called_ae_title=bindparam("called"))
-
-        # The same statements on the driver's cursor, for instances of known studies and series.
-        self._d_prior = DriverStatement(self.engine, self._q_prior)
-        instance_keys = ("sop_instance_uid", "series_id", *_INSTANCE_VALUES)
-        self._d_ins_instance = DriverStatement(self.engine, self._ins_instance, instance_keys)
-        self._d_upd_instance = DriverStatement(self.engine, self._upd_instance.values(
-            {key: bindparam(key) for key in ("series_id", *_INSTANCE_VALUES)}))
-        self._d_upd_series = DriverStatement(self.engine, self._upd_series)
-        self._d_upd_study = DriverStatement(self.engine, self._upd_study)
-        self._d_upd_study_ae = DriverStatement(self.engine, self._upd_study_ae)
+            instance_count=Series.instance_count + bindparam("added")))
+        self._reopen_study = DriverStatement(engine, update(Study).where(Study.id == bindparam("study_id")).values(
+            last_received_at=bindparam("now"), needs_run=True))
+        self._reopen_study_ae = DriverStatement(engine, update(Study).where(
+            Study.id == bindparam("study_id")).values(
+            last_received_at=bindparam("now"), needs_run=True, called_ae_title=bindparam("called")))
 
     def prior(self, sop_instance_uid: str) -> Prior | None:
         """The stored digest and quarantine flag of *sop_instance_uid*, if any."""
         with driver_transaction(self.engine) as cursor:
-            row = self._d_prior.execute(cursor, {"uid": sop_instance_uid}).fetchone()
+            row = self._prior.execute(cursor, {"uid": sop_instance_uid}).fetchone()
         return None if row is None else Prior(row[0], bool(row[1]), int(row[2]))
 
-    def _study_id(self, conn: Connection, ident: InstanceIdentity, now: datetime) -> int:
+    def _id(self, cursor: Any, find: DriverStatement, add: DriverStatement, uid: str,
+            values: dict[str, object]) -> int:
+        """The row id of a study or series: looked up, or inserted with *values*."""
+        found = find.execute(cursor, {"uid": uid}).fetchone()
+        if found is None:
+            found = add.execute(cursor, values).fetchall()[0]
+        return int(found[0])
+
+    def _study_id(self, cursor: Any, ident: InstanceIdentity, now: datetime) -> int:
         cached = self._study_ids.get(ident.study_instance_uid)
         if cached is not None:
             return cached
-        found = conn.scalar(self._q_study, {"uid": ident.study_instance_uid})
-        if found is None:
-            found = conn.scalar(insert(Study).values(
-                study_instance_uid=ident.study_instance_uid, patient_id=ident.patient_id,
-                issuer_of_patient_id=ident.issuer_of_patient_id, accession_number=ident.accession_number,
-                study_date=ident.study_date, first_received_at=now, last_received_at=now, needs_run=False,
-            ).returning(Study.id))
-        return int(found)  # type: ignore[arg-type]
+        return self._id(cursor, self._find_study, self._add_study, ident.study_instance_uid, dict(
+            study_instance_uid=ident.study_instance_uid, patient_id=ident.patient_id,
+            issuer_of_patient_id=ident.issuer_of_patient_id, accession_number=ident.accession_number,
+            study_date=ident.study_date, first_received_at=now, last_received_at=now, needs_run=False))
 
-    def _series_id(self, conn: Connection, ident: InstanceIdentity, study_id: int, now: datetime) -> int:
+    def _series_id(self, cursor: Any, ident: InstanceIdentity, study_id: int, now: datetime) -> int:
         cached = self._series_ids.get(ident.series_instance_uid)
         if cached is not None:
             return cached
-        found = conn.scalar(self._q_series, {"uid": ident.series_instance_uid})
-        if found is None:
-            found = conn.scalar(insert(Series).values(
-                series_instance_uid=ident.series_instance_uid, study_id=study_id, modality=ident.modality,
-                series_number=ident.series_number, series_description=ident.series_description,
-                state=SeriesState.RECEIVING.value, first_received_at=now, last_received_at=now, instance_count=0,
-            ).returning(Series.id))
-        return int(found)  # type: ignore[arg-type]
+        return self._id(cursor, self._find_series, self._add_series, ident.series_instance_uid, dict(
+            series_instance_uid=ident.series_instance_uid, study_id=study_id, modality=ident.modality,
+            series_number=ident.series_number, series_description=ident.series_description,
+            state=SeriesState.RECEIVING.value, first_received_at=now, last_received_at=now, instance_count=0))
 
     def record_instance(
         self, ident: InstanceIdentity, peer: Peer, path: Path, size: int, digest: str, ts_uid: str, *,
@@ -361,7 +365,9 @@ class Recorder:
         with self._lock:
             try:
                 study_id, series_id = self._record(ident, values, now, changed, called_ae_title, prior)
-            except IntegrityError:  # recorded meanwhile by another process: look it up again
+            except IntegrityError:  # recorded meanwhile by another process: look everything up again
+                self._study_ids.pop(ident.study_instance_uid, None)
+                self._series_ids.pop(ident.series_instance_uid, None)
                 study_id, series_id = self._record(ident, values, now, changed, called_ae_title, None)
         if len(self._series_ids) > 10_000:
             self._series_ids.clear()
@@ -371,57 +377,31 @@ class Recorder:
 
     def _record(self, ident: InstanceIdentity, values: dict[str, object], now: datetime, changed: bool,
                 called_ae_title: str | None, prior: Prior | Literal[False] | None) -> tuple[int, int]:
-        study_id = self._study_ids.get(ident.study_instance_uid)
-        series_id = self._series_ids.get(ident.series_instance_uid)
-        if study_id is not None and series_id is not None and prior is not None and (
-                prior is False or prior.row_id is not None):
-            self._record_known(ident, values, now, changed, called_ae_title, prior, study_id, series_id)
-            return study_id, series_id
-        with self.engine.begin() as conn:
-            study_id = self._study_id(conn, ident, now)
-            series_id = self._series_id(conn, ident, study_id, now)
+        """One transaction: study and series ids, the instance row, and the series and study re-opened."""
+        with driver_transaction(self.engine) as cursor:
+            study_id = self._study_id(cursor, ident, now)
+            series_id = self._series_id(cursor, ident, study_id, now)
             if prior is None or (prior is not False and prior.row_id is None):
-                found = conn.execute(self._q_instance, {"uid": ident.sop_instance_uid}).first()
-                row = None if found is None else (int(found[0]), bool(found[1]))
+                found = self._prior.execute(cursor, {"uid": ident.sop_instance_uid}).fetchone()
+                row = None if found is None else (int(found[2]), bool(found[1]))
             else:
                 row = None if prior is False else (int(prior.row_id or 0), prior.quarantined)
             if row is None:
-                conn.execute(self._ins_instance, {"sop_instance_uid": ident.sop_instance_uid,
-                                                  "series_id": series_id, **values})
+                self._add_instance.execute(cursor, {"sop_instance_uid": ident.sop_instance_uid,
+                                                    "series_id": series_id, **values})
                 added, changed = 1, True
             else:
-                conn.execute(self._upd_instance, {"row_id": row[0], "series_id": series_id, **values})
+                self._update_instance.execute(cursor, {"row_id": row[0], "series_id": series_id, **values})
                 added = 1 if row[1] else 0
-                changed = changed or bool(row[1])
+                changed = changed or row[1]
             if changed:
-                conn.execute(self._upd_series, {"series_id": series_id, "now": now, "added": added})
+                self._reopen_series.execute(cursor, {"series_id": series_id, "now": now, "added": added})
                 if called_ae_title:
-                    conn.execute(self._upd_study_ae, {"study_id": study_id, "now": now,
-                                                      "called": called_ae_title[:16]})
+                    self._reopen_study_ae.execute(cursor, {"study_id": study_id, "now": now,
+                                                           "called": called_ae_title[:16]})
                 else:
-                    conn.execute(self._upd_study, {"study_id": study_id, "now": now})
+                    self._reopen_study.execute(cursor, {"study_id": study_id, "now": now})
         return study_id, series_id
-
-    def _record_known(self, ident: InstanceIdentity, values: dict[str, object], now: datetime, changed: bool,
-                      called_ae_title: str | None, prior: Prior | Literal[False], study_id: int,
-                      series_id: int) -> None:
-        """:meth:`_record` for a known study and series, on the driver's cursor."""
-        with driver_transaction(self.engine) as cursor:
-            if prior is False:
-                self._d_ins_instance.execute(cursor, {"sop_instance_uid": ident.sop_instance_uid,
-                                                      "series_id": series_id, **values})
-                added, changed = 1, True
-            else:
-                self._d_upd_instance.execute(cursor, {"row_id": prior.row_id, "series_id": series_id, **values})
-                added = 1 if prior.quarantined else 0
-                changed = changed or prior.quarantined
-            if changed:
-                self._d_upd_series.execute(cursor, {"series_id": series_id, "now": now, "added": added})
-                if called_ae_title:
-                    self._d_upd_study_ae.execute(cursor, {"study_id": study_id, "now": now,
-                                                          "called": called_ae_title[:16]})
-                else:
-                    self._d_upd_study.execute(cursor, {"study_id": study_id, "now": now})
 
     def record_rejection(
         self, peer: Peer, status: int, reason: str, sop_class_uid: str | None, sop_instance_uid: str | None

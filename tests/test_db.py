@@ -97,7 +97,7 @@ def test_check_detects_a_model_without_migration(tmp_path: Path, monkeypatch: py
 
 
 def _record_series(engine: Engine) -> None:
-    """The Recorder's two paths (SQLAlchemy for a new series, the driver's cursor after) agree."""
+    """The Recorder on the driver's cursor: new study and series, cached ids, a replace, a race with another process."""
     from sqlalchemy.orm import sessionmaker
 
     from dicom_node.db.models import Instance, Series
@@ -116,7 +116,17 @@ def _record_series(engine: Engine) -> None:
     again = recorder.prior(idents[0].sop_instance_uid)
     assert again == Prior("0" * 64, False, again.row_id if again else None) and again is not None
     recorder.record_instance(idents[0], peer, Path("/spool/replaced.dcm"), 12, "1" * 64, "1.2.840.10008.1.2.1",
-                             called_ae_title="AD_NODE", prior=again)   # a replace, on the driver's path
+                             called_ae_title="AD_NODE", prior=again)   # a replace
+    # Another process (its own Recorder) stores the next instance first: the UNIQUE constraint stops this
+    # recorder's INSERT, which then finds the row and updates it.
+    late = InstanceIdentity("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.9", "1.2.3.4", "1.2.3", "MR", 3, "T1",
+                            "P1", None, "A1", date(2026, 1, 2))
+    assert recorder.prior(late.sop_instance_uid) is None
+    Recorder(sessionmaker(engine)).record_instance(late, peer, Path("/spool/other.dcm"), 10, "2" * 64,
+                                                   "1.2.840.10008.1.2.1", prior=False)
+    recorder.record_instance(late, peer, Path("/spool/late.dcm"), 11, "2" * 64, "1.2.840.10008.1.2.1",
+                             called_ae_title="AD_NODE", prior=False)
+    idents.append(late)
     with Session(engine) as session:
         rows = session.scalars(select(Instance).order_by(Instance.sop_instance_uid)).all()
         series = session.scalars(select(Series)).one()
@@ -124,19 +134,22 @@ def _record_series(engine: Engine) -> None:
     assert [r.sop_instance_uid for r in rows] == [i.sop_instance_uid for i in idents]
     assert rows[0].spool_path == "/spool/replaced.dcm" and rows[0].size_bytes == 12 and not rows[0].quarantined
     assert all(r.received_at.replace(tzinfo=UTC) >= before.replace(microsecond=0) for r in rows)
-    assert series.instance_count == 3 and series.state == "receiving"
+    assert rows[-1].spool_path == "/spool/late.dcm" and rows[-1].size_bytes == 11
+    assert series.instance_count == 4 and series.state == "receiving"
+    assert (series.modality, series.series_number, series.series_description) == ("MR", 3, "T1")
+    assert (study.patient_id, study.accession_number, study.study_date) == ("P1", "A1", date(2026, 1, 2))
     assert series.last_received_at.replace(tzinfo=UTC) >= rows[-1].received_at.replace(tzinfo=UTC)
     assert study.needs_run and study.called_ae_title == "AD_NODE"
 
 
-def test_recorder_paths_agree_on_sqlite(tmp_path: Path) -> None:
+def test_recorder_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'node.db'}"
     upgrade(url)
     _record_series(make_engine(url))
 
 
 @pytest.mark.postgres
-def test_recorder_paths_agree_on_postgres(postgres_schema: Engine) -> None:
+def test_recorder_on_postgres(postgres_schema: Engine) -> None:
     _migrate_and_check(postgres_schema)
     _record_series(postgres_schema)
 
