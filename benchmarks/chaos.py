@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuzz", type=int, default=1000)
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--load-seconds", type=float, default=600)
+    parser.add_argument("--study-interval", type=float, default=30,
+                        help="each load sender starts a study at most every this many seconds (0: back to back)")
     parser.add_argument("--root", type=Path, default=Path("var/chaos"))
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
                         help="run only these scenarios (default: all)")
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             ("fuzz", lambda: hostile_input(args.root, pacs, model, count=args.fuzz)),
             ("pacs", lambda: pacs_outage(args.root, pacs, model, down_s=30)),
             ("db", lambda: database_outage(args.root, pacs, model, postgres_url=POSTGRES_URL, down_s=20)),
-            ("load", lambda: load(args.root, pacs, model, senders=args.senders, duration_s=args.load_seconds)),
+            ("load", lambda: load(args.root, pacs, model, senders=args.senders, duration_s=args.load_seconds,
+                                      study_interval_s=args.study_interval)),
         ):
             if name not in args.only:
                 continue
