@@ -152,10 +152,11 @@ def crash_safety(root: Path, pacs: LocalOrthanc, model: Path, *, kills: int, t1_
     thread = threading.Thread(target=sender, daemon=True)
     thread.start()
     stages: Counter[str] = Counter()
-    pause = threading.Event()
-    for _ in range(kills):
-        pause.wait(rng.uniform(0.3, max_gap_s))
-        stages[stage_now(db)] += 1
+    for number in range(kills):
+        # Every other kill at a random moment; the others aimed at the stages in turn (a short stage such as
+        # inference is seldom hit by chance), or at the end of the gap when the stage did not come.
+        target = None if number % 2 == 0 else KILL_TARGETS[(number // 2) % len(KILL_TARGETS)]
+        stages[_wait_to_kill(db, rng.uniform(0.3, max_gap_s) if target is None else max_gap_s, target)] += 1
         alive.clear()
         node.kill()
         node.start()
@@ -173,6 +174,24 @@ def crash_safety(root: Path, pacs: LocalOrthanc, model: Path, *, kills: int, t1_
     node.stop()
     db.engine.dispose()
     return findings
+
+
+#: The stages aimed at by every other kill, in turn.
+KILL_TARGETS = ("inference", "preprocessing", "building report", "sending", "converting", "selecting",
+                "joining notes", "receiving/idle")
+
+
+def _wait_to_kill(db: Database, gap_s: float, target: str | None) -> str:
+    """Wait *gap_s*, or until the node is in stage *target*; the stage it is in then."""
+    pause = threading.Event()
+    deadline = time.monotonic() + gap_s
+    while target is not None and time.monotonic() < deadline:
+        stage = stage_now(db)
+        if stage == target:
+            return stage
+        pause.wait(0.02)
+    pause.wait(max(0.0, deadline - time.monotonic()))
+    return stage_now(db)
 
 
 def _acked(ledger: Ledger, path: Path) -> bool:
