@@ -39,7 +39,7 @@ from typing import Any
 from pynetdicom.pdu import A_ABORT_RQ
 
 from dicom_node.edge_dimse import ProtocolError, StoreAssembler, StoreFunction, p_data_pdus
-from dicom_node.requestor import checkpoint
+from dicom_node.requestor import checkpoint, turn_ended
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,6 @@ def _recv_exact(sock: socket.socket, size: int) -> bytearray | None:
 
 def _assoc_reactor(self: Any) -> None:
     """pynetdicom's acceptor ``Association._run_reactor``, blocking on the DIMSE queue instead of sleeping."""
-    from pynetdicom import evt
 
     self._is_paused = False
     messages = self.dimse.msg_queue
@@ -258,34 +257,5 @@ def _assoc_reactor(self: Any) -> None:
             context_id, msg = None, None
         if msg:
             self._serve_request(msg, context_id)
-        if self.is_established and self.acse.is_release_requested():
-            # Released before the response goes out: the peer may close the
-            # connection (EVT_CONN_CLOSE) as soon as it has it.
-            self.is_released = True
-            self.is_established = False
-            self.acse.send_release(is_response=True)
-            logger.debug("association released")
-            evt.trigger(self, evt.EVT_RELEASED, {})
-            self.kill()
-            return
-        if self.acse.is_aborted():
-            self.dul.receive_pdu(wait=False)
-            self.is_aborted = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_ABORTED, {})
-            self.kill()
-            return
-        if not self.dul.is_alive():
-            self.kill()
-            return
-        if self.dul.idle_timer_expired():
-            logger.error("network timeout reached")
-            if self.network_timeout_response == "A-RELEASE":
-                self._is_paused = True
-                self._reactor_checkpoint.wait()
-                self.release()
-                self._is_paused = False
-            else:
-                self.abort()
-            self.kill()
+        if turn_ended(self):
             return

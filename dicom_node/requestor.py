@@ -79,33 +79,42 @@ def _requestor_reactor(self: Any) -> None:
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
             self._serve_request(msg, context_id)
-        if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
-            logger.debug("association released by the peer")
-            self.is_released = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_RELEASED, {})
-            self.kill()
+        if turn_ended(self):
             return
-        if self.acse.is_aborted():
-            logger.debug("association aborted")
-            self.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers
-            self.is_aborted = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_ABORTED, {})
-            self.kill()
-            return
-        if not self.dul.is_alive():
-            self.kill()
-            return
-        if self.dul.idle_timer_expired():
-            logger.error("network timeout reached")
-            if self.network_timeout_response == "A-RELEASE":
-                self._is_paused = True
-                self._reactor_checkpoint.wait()
-                self.release()
-                self._is_paused = False
-            else:
-                self.abort()
-            self.kill()
-            return
+
+
+def turn_ended(assoc: Any) -> bool:
+    """The end of a reactor turn, after any message was served: True when the association is over (killed).
+
+    Shared by this module's requestor reactor and the acceptor's (:mod:`dicom_node.edge_fastpath`); the steps
+    are pynetdicom's: the peer's release request answered, an abort, the DUL gone, the network timeout.
+    """
+    if assoc.is_established and assoc.acse.is_release_requested():
+        # Released before the response goes out: the peer may close the
+        # connection (EVT_CONN_CLOSE) as soon as it has it.
+        assoc.is_released = True
+        assoc.is_established = False
+        assoc.acse.send_release(is_response=True)
+        logger.debug("association released by the peer")
+        evt.trigger(assoc, evt.EVT_RELEASED, {})
+    elif assoc.acse.is_aborted():
+        logger.debug("association aborted")
+        assoc.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers
+        assoc.is_aborted = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_ABORTED, {})
+    elif not assoc.dul.is_alive():
+        pass  # the DUL thread ended: nothing more will come
+    elif assoc.dul.idle_timer_expired():
+        logger.error("network timeout reached")
+        if assoc.network_timeout_response == "A-RELEASE":
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc.release()
+            assoc._is_paused = False
+        else:
+            assoc.abort()
+    else:
+        return False
+    assoc.kill()
+    return True
