@@ -67,7 +67,7 @@ from sqlalchemy.pool import NullPool
 
 from dicom_node.db.models import Run, RunState
 from dicom_node.ingest import utcnow
-from pipeline.errors import ConfigError, NodeError, Outcome
+from pipeline.errors import ConfigError, NodeError, Outcome, audit_traceback
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -198,14 +198,20 @@ def claim_run(sessions: sessionmaker[Session], run_id: str) -> str:
     return me
 
 
-def mark_crashed(sessions: sessionmaker[Session], run_id: str) -> None:
-    """A run whose processing raised: ``failed``, if this worker still holds it."""
+def mark_crashed(sessions: sessionmaker[Session], run_id: str, traceback: str | None = None) -> None:
+    """A run whose processing raised: ``failed``, if this worker still holds it.
+
+    ``traceback`` (:func:`~pipeline.errors.audit_traceback`) goes to the run's record
+    unless processing recorded one itself, with its stage.
+    """
     with sessions.begin() as session:
         run = session.get(Run, run_id)
         if run is not None and run.state == RunState.RUNNING.value and run.claimed_by in (None, worker_id()):
             run.state = RunState.FAILED.value
             run.finished_at = utcnow()
-            run.error_reason = "internal error while processing (see node log)"
+            run.error_reason = "internal error while processing (see the run's error traceback and the node log)"
+            if run.error_traceback is None:
+                run.error_traceback = traceback
 
 
 def run_guarded(run_id: str, execute: Callable[[str], None], sessions: sessionmaker[Session]) -> None:
@@ -217,9 +223,10 @@ def run_guarded(run_id: str, execute: Callable[[str], None], sessions: sessionma
         execute(run_id)
     except ClaimRefusedError:
         raise
-    except Exception:  # the worker must survive any run
-        logger.exception("run %s crashed", run_id)
-        mark_crashed(sessions, run_id)
+    except Exception as exc:  # noqa: BLE001 - the worker must survive any run; logged without exception messages
+        text = audit_traceback(exc)
+        logger.error("run %s crashed (%s):\n%s", run_id, type(exc).__name__, text)
+        mark_crashed(sessions, run_id, text)
 
 
 def require_shared_database(url: str) -> None:

@@ -3,6 +3,12 @@
 ``process_run(run_id, ctx)`` is the whole processing of a run, so the local
 worker pool and any other executor call the same code.  Every stage time is
 recorded; every refusal becomes a "not analysed" report with its reason.
+
+A failure (a :class:`~pipeline.errors.NodeError` that is not a refusal, or any
+other exception: a bug) is a "not analysed" report too, outcome
+``processing_error``: the radiologist reads in plain words which step could not
+be done; the run's audit record keeps the stage and a traceback without patient
+data (:func:`~pipeline.errors.audit_traceback`), and so does the log.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from dicom_node.settings import Settings
 from model.inference import Predictor
 from model.types import Prediction
 from pipeline.convert import convert_series
-from pipeline.errors import ConfigError, NodeError, NotAnalysed, Outcome
+from pipeline.errors import ConfigError, NodeError, NotAnalysed, Outcome, audit_traceback
 from pipeline.notes import ClinicalNote, choose_notes, format_note_text
 from pipeline.preprocess import PreprocessConfig, Preprocessed, default_template_path, preprocess
 from pipeline.select import SelectionRules, SeriesCandidate, select_series
+from structured_reports.texts import processing_failure_text
 from structured_reports.types import DeviceInfo, KeySlice, NotesUsed, ReportInput
 
 logger = logging.getLogger(__name__)
@@ -70,10 +77,36 @@ class _Progress:
     seconds: dict[str, float] = field(default_factory=dict)
     stamps: dict[str, Any] = field(default_factory=dict)
     key_slices: list[KeySlice] = field(default_factory=list)
+    #: The stage running, or the last one begun (its result being recorded); ``started`` before the first.
+    stage: str = "started"
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Where a run stopped, for its audit record (``error_stage``, ``error_traceback``)."""
+
+    stage: str
+    traceback: str | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """The run's audit columns for this failure."""
+        return {"error_stage": self.stage, "error_traceback": self.traceback}
+
+
+def _failed(run_id: str, stage: str, exc: Exception) -> tuple[_Failure, str]:
+    """Record-ready failure and the radiologist's sentence for an exception that stopped a run.
+
+    The log gets the run id, the stage and :func:`audit_traceback` (no patient data),
+    never the message of an exception that is not ours.
+    """
+    failure = _Failure(stage, audit_traceback(exc))
+    logger.error("run %s failed in stage %s (%s):\n%s", run_id, stage, type(exc).__name__, failure.traceback)
+    return failure, processing_failure_text(stage, run_id, configuration=isinstance(exc, ConfigError))
 
 
 @contextmanager
 def _stage(progress: _Progress, name: str) -> Iterator[None]:
+    progress.stage = name
     start = time.perf_counter()
     yield
     progress.seconds[name] = round(time.perf_counter() - start, 3)
@@ -165,8 +198,8 @@ def _analyse(
     with sessions() as session:
         _update(sessions, run_id, input_sha256=_input_hash(session, chosen))
     workdir = ctx.settings.work_dir / run_id
-    workdir.mkdir(parents=True, exist_ok=True)
     with _stage(progress, "converted"):
+        workdir.mkdir(parents=True, exist_ok=True)
         nifti = convert_series([p for p, _ in by_series[chosen]], workdir / "input.nii.gz")
     _update(sessions, run_id, converted_at=progress.stamps["converted_at"])
     with _stage(progress, "preprocessed"):
@@ -245,6 +278,7 @@ def process_run(run_id: str, ctx: RunContext) -> None:
     chosen: str | None = None
     notes_used = NotesUsed()
     state = RunState.SUCCEEDED
+    failure: _Failure | None = None
     try:
         if incomplete:
             raise NotAnalysed(Outcome.INCOMPLETE_SERIES, incomplete)
@@ -252,18 +286,36 @@ def process_run(run_id: str, ctx: RunContext) -> None:
             raise NotAnalysed(Outcome.PROCESSING_ERROR, f"processing was interrupted {MAX_ATTEMPTS} times "
                                                         "(the node or its worker stopped each time)")
         chosen, prediction, notes_used = _analyse(ctx, run_id, by_series, progress)
-    except NotAnalysed as exc:
+    except NotAnalysed as exc:  # a refusal, its reason written for the radiologist
         not_analysed, state = (exc.outcome, exc.reason), RunState.NOT_ANALYSED
+        failure = _Failure(progress.stage)
         if exc.outcome is Outcome.NO_SUITABLE_SERIES and getattr(exc, "decisions", None):
             _update(sessions, run_id, selection=[_decision_json(d) for d in exc.decisions])  # type: ignore[attr-defined]
-    except NodeError as exc:
-        not_analysed, state = (Outcome.PROCESSING_ERROR, f"processing error: {exc}"), RunState.NOT_ANALYSED
-    except Exception as exc:  # a bug must still give the radiologist an answer (logged with its traceback)
-        logger.exception("run %s failed unexpectedly", run_id)
-        not_analysed = (Outcome.PROCESSING_ERROR, f"processing error ({type(exc).__name__})")
-        state = RunState.NOT_ANALYSED
-    _finish(ctx, run_id, study_uid, sequence, created_at, by_series, chosen, prediction, not_analysed, notes_used,
-            progress, state)
+    except Exception as exc:  # noqa: BLE001 - our NodeError or a bug: still an answer, in plain words
+        failure, reason = _failed(run_id, progress.stage, exc)
+        not_analysed, state = (Outcome.PROCESSING_ERROR, reason), RunState.NOT_ANALYSED
+    try:
+        _finish(ctx, run_id, study_uid, sequence, created_at, by_series, chosen, prediction, not_analysed,
+                notes_used, progress, state, failure)
+    except Exception as exc:
+        failure, reason = _report_failed(run_id, exc, failure)
+        _update(sessions, run_id, **failure.columns())  # in the audit record whatever happens next
+        if prediction is None:  # a "not analysed" report failed: another one would too (the run is marked failed)
+            raise
+        # The result's report failed: the radiologist still gets a "not analysed" report saying so.
+        progress.key_slices = []
+        _finish(ctx, run_id, study_uid, sequence, created_at, by_series, chosen, None,
+                (Outcome.PROCESSING_ERROR, reason), NotesUsed(), progress, RunState.NOT_ANALYSED, failure)
+
+
+def _report_failed(run_id: str, exc: Exception, earlier: _Failure | None) -> tuple[_Failure, str]:
+    """:func:`_failed` for the report stage, the record also keeping an earlier failure of the run."""
+    failure, reason = _failed(run_id, "report_built", exc)
+    if earlier is None:
+        return failure, reason
+    before = f":\n{earlier.traceback}" if earlier.traceback else " (not analysed; no traceback)\n"
+    text = f"{failure.traceback}\nThis happened while reporting an earlier failure in stage {earlier.stage}{before}"
+    return _Failure(failure.stage, text), reason
 
 
 def _finish(
@@ -279,8 +331,10 @@ def _finish(
     notes_used: NotesUsed,
     progress: _Progress,
     state: RunState,
+    failure: _Failure | None = None,
 ) -> None:
-    """Build, validate and queue the SR and the PDF; record the outcome."""
+    """Build, validate and queue the SR and the PDF; record the outcome (and ``failure``, where the run stopped)."""
+    progress.stage = "report_built"
     sessions = ctx.sessions
     info = ctx.predictor.info
     sources = [ds for _, ds in by_series[chosen]] if chosen else [ds for items in by_series.values() for _, ds in items]
@@ -323,6 +377,8 @@ def _finish(
                       predicted_class=prediction.predicted_class, used_note=prediction.used_note)
     if not_analysed is not None:
         values.update(outcome=not_analysed[0].value, error_reason=not_analysed[1])
+    if failure is not None:
+        values.update(failure.columns())
     if invalid:
         values["error_reason"] = "; ".join(
             f"{obj.kind} failed DICOM validation, not sent: " + "; ".join(obj.errors[:5]) for obj in invalid)

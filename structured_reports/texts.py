@@ -14,6 +14,47 @@ from model.types import CLASSES
 from structured_reports.concepts import CLASS_LABELS
 from structured_reports.types import ReportInput
 
+#: What could not be done, by the stage of the run that failed (the ``*_at`` stamps of the run's audit record).
+FAILED_STEP_TEXTS = {
+    "started": "the analysis could not be started.",
+    "selected": "the series to analyse could not be chosen (series selection step failed).",
+    "converted": "the series could not be converted to a volume (conversion step failed).",
+    "preprocessed": "image preprocessing could not be completed.",
+    "notes_joined": "the clinical notes could not be looked up.",
+    "inferred": "the analysis model could not be run.",
+    "report_built": "the report could not be completed.",
+}
+#: Said when the stage is not one of :data:`FAILED_STEP_TEXTS`.
+FAILED_STEP_FALLBACK = "the analysis could not be completed."
+
+
+def processing_failure_text(stage: str, run_id: str, *, configuration: bool = False) -> str:
+    """Why a run that failed has no result, in plain words: the step, and that it was recorded.
+
+    Never names an exception or quotes its message; the audit record of the run
+    keeps the stage and the traceback for the node's administrators.
+
+    Parameters
+    ----------
+    stage : str
+        The stage of the run that failed (``selected``, ``converted``, ...).
+    run_id : str
+        The run, for the administrators to find its record.
+    configuration : bool, optional
+        The node's configuration is at fault: its administrators must correct it.
+
+    Returns
+    -------
+    str
+        E.g. ``"image preprocessing could not be completed. The failure was recorded
+        for the node's administrators (run <run id>)."``, to follow "Not analysed: ".
+    """
+    step = FAILED_STEP_TEXTS.get(stage, FAILED_STEP_FALLBACK)
+    if configuration:
+        return (f"{step} The node's configuration must be corrected by its administrators; "
+                f"the failure was recorded for them (run {run_id}).")
+    return f"{step} The failure was recorded for the node's administrators (run {run_id})."
+
 
 def analysed_series_text(sources: Sequence[pydicom.Dataset]) -> str:
     """Sentence naming the analysed series and how the SR references it.

@@ -81,6 +81,49 @@ def test_migrations_on_postgres(postgres_schema: Engine) -> None:
     _roundtrip(postgres_schema)
 
 
+def _error_columns_down_and_up(engine: Engine) -> None:
+    """0003: head has the runs' error columns; 0002 drops them keeping the rows; head adds them back."""
+    def columns() -> set[str]:
+        return {c["name"] for c in inspect(engine).get_columns("runs")}
+
+    cfg = alembic_config(str(engine.url))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    assert {"error_stage", "error_traceback"} <= columns()
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    with Session(engine) as session, session.begin():
+        study = Study(study_instance_uid="1.2.3", first_received_at=now, last_received_at=now, needs_run=False)
+        session.add(study)
+        session.flush()
+        session.add(Run(id="r1", study_id=study.id, created_at=now, state=RunState.NOT_ANALYSED.value,
+                        error_stage="converted", error_traceback="Traceback (most recent call last):\n..."))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0002")
+    assert not {"error_stage", "error_traceback"} & columns()
+    with engine.connect() as conn:
+        assert conn.execute(text("select id, state from runs")).all() == [("r1", "not_analysed")]
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    with Session(engine) as session:
+        run = session.scalars(select(Run)).one()
+        assert (run.id, run.error_stage, run.error_traceback) == ("r1", None, None)
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.check(cfg)
+
+
+def test_error_columns_migrate_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    _error_columns_down_and_up(make_engine(f"sqlite:///{tmp_path / 'errors.sqlite3'}"))
+
+
+@pytest.mark.postgres
+def test_error_columns_migrate_down_and_up_on_postgres(postgres_schema: Engine) -> None:
+    _error_columns_down_and_up(postgres_schema)
+
+
 def test_check_detects_a_model_without_migration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sqlalchemy import Column, Integer, Table
 

@@ -195,6 +195,10 @@ class Run(Base):
     pdf_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Stage the run stopped in when not analysed or failed (``selected``, ``converted``, ... ``report_built``).
+    error_stage: Mapped[str | None] = mapped_column(String(32))
+    #: Traceback of a failure: frames and exception types, messages only of the node's own errors (no patient data).
+    error_traceback: Mapped[str | None] = mapped_column(Text)
 
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="run")
 
