@@ -29,8 +29,30 @@ from pipeline.errors import NodeError
 if TYPE_CHECKING:
     from dicom_node.processing import RunContext
     from model.inference import Predictor
+    from pipeline.preprocess import PreprocessConfig
+    from pipeline.select import SelectionRules
 
 logger = logging.getLogger(__name__)
+
+
+def series_rules(settings: Settings) -> SelectionRules:
+    """The series-selection rules the settings point at (``processing.series_rules``).
+
+    Raises
+    ------
+    ConfigError
+        If the rules file is missing or malformed.
+    """
+    from pipeline.select import load_rules
+
+    return load_rules(settings.series_rules_path)
+
+
+def preprocess_config(settings: Settings) -> PreprocessConfig:
+    """The preprocessing settings and QC limits of runs (``processing.registration``, ``processing.n4``)."""
+    from pipeline.preprocess import PreprocessConfig
+
+    return PreprocessConfig(registration=settings.processing.registration, n4=settings.processing.n4)
 
 
 def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> RunContext:
@@ -45,8 +67,6 @@ def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> Ru
     """
     from dicom_node.processing import RunContext
     from model.inference import Predictor
-    from pipeline.preprocess import PreprocessConfig
-    from pipeline.select import load_rules
 
     predictor = Predictor.load(settings.model_path, device=settings.model.device)
     loaded = {settings.model_path.resolve(): predictor}
@@ -63,9 +83,8 @@ def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> Ru
         sessions=sessions,
         predictor=predictor,
         profile_predictors=profile_predictors,
-        rules=load_rules(settings.series_rules_path),
-        preprocess_config=PreprocessConfig(registration=settings.processing.registration,
-                                           n4=settings.processing.n4),
+        rules=series_rules(settings),
+        preprocess_config=preprocess_config(settings),
         notes=make_notes_source(settings.notes, sessions),
     )
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 
-from dicom_node import cli_edge, cli_model, cli_worker
+from dicom_node import cli_check, cli_edge, cli_model, cli_worker
 from dicom_node.db.models import ClinicalNote as NoteRow
 from dicom_node.db.models import Delivery, Run
 from dicom_node.ingest import utcnow
@@ -32,8 +32,8 @@ class CommandGroup(Protocol):
     def dispatch(self, args: argparse.Namespace, settings: Settings) -> int | None: ...
 
 
-#: Modules that add sub-commands (model training/evaluation, workers, ...).
-EXTENSIONS: tuple[CommandGroup, ...] = (cli_worker, cli_model, cli_edge)
+#: Modules that add sub-commands (model training/evaluation, workers, the site check, ...).
+EXTENSIONS: tuple[CommandGroup, ...] = (cli_worker, cli_model, cli_edge, cli_check)
 
 #: CLI flag -> dotted settings key.
 OVERRIDES = {
@@ -146,6 +146,8 @@ def run_record(settings: Settings, run_id: str) -> dict[str, Any]:
             "state": run.state,
             "outcome": run.outcome,
             "reason": run.error_reason,
+            "error_stage": run.error_stage,
+            "error_traceback": run.error_traceback,
             "stages": {name: _fmt(getattr(run, name)) for name in STAGES},
             "stage_seconds": run.stage_seconds,
             "series_instance_uid": run.series_instance_uid,

@@ -23,6 +23,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
@@ -46,7 +47,7 @@ PDF_DOCUMENT_TITLE = "Brain MRI AI result: AD / MCI / CN (research use only)"
 MAX_KEY_SLICES = 3
 
 #: Caption under key slices that carry an outline.
-_OUTLINE_CAPTION = (
+OUTLINE_CAPTION = (
     "Registered brain (grey) with the outline of the template brain (yellow): "
     "the outline should follow the brain's edge."
 )
@@ -118,19 +119,14 @@ def render_pdf(
         axes.set_xlabel("Model probability")
         axes.tick_params(labelsize=9)
     elif report.not_analysed is not None:
-        fig.text(0.06, 0.80, NOT_ANALYSED_PREFIX + report.not_analysed[1],
-                 fontsize=12, weight="bold", wrap=True)
+        fig.text(0.06, 0.815, NOT_ANALYSED_PREFIX + report.not_analysed[1],  # top-aligned: wrapped lines go down
+                 fontsize=12, weight="bold", va="top", linespacing=1.4, wrap=True)
 
     slices = [_as_key_slice(item, index) for index, item in enumerate(list(key_slices or [])[:MAX_KEY_SLICES])]
     for index, key in enumerate(slices):
-        axes = fig.add_axes((0.06 + index * 0.30, 0.33, 0.27, 0.22))
-        axes.imshow(key.image, cmap="gray", interpolation="nearest")
-        if key.outline is not None and key.outline.any() and not key.outline.all():
-            axes.contour(key.outline.astype(float), levels=[0.5], colors=[_OUTLINE_COLOUR], linewidths=0.8)
-        axes.set_axis_off()
-        axes.set_title(key.title, fontsize=8)
+        draw_key_slice(fig.add_axes((0.06 + index * 0.30, 0.33, 0.27, 0.22)), key)
     if any(key.outline is not None for key in slices):
-        fig.text(0.06, 0.312, _OUTLINE_CAPTION, fontsize=7.5, color="#555555")
+        fig.text(0.06, 0.312, OUTLINE_CAPTION, fontsize=7.5, color="#555555")
 
     lines = [notes_text(report), versions_text(report)]
     if report.model.demonstration:
@@ -248,6 +244,23 @@ def build_pdf(
         len(document),
     )
     return ds
+
+
+def draw_key_slice(axes: Axes, key: KeySlice) -> None:
+    """Draw one key slice as the PDF page shows it: grey image, outline in yellow, title.
+
+    Parameters
+    ----------
+    axes : matplotlib.axes.Axes
+        Empty axes to draw into (their frame and ticks are switched off).
+    key : KeySlice
+        The slice; its outline is drawn when it is neither empty nor everywhere.
+    """
+    axes.imshow(key.image, cmap="gray", interpolation="nearest")
+    if key.outline is not None and key.outline.any() and not key.outline.all():
+        axes.contour(key.outline.astype(float), levels=[0.5], colors=[_OUTLINE_COLOUR], linewidths=0.8)
+    axes.set_axis_off()
+    axes.set_title(key.title, fontsize=8)
 
 
 def _as_key_slice(item: KeySlice | npt.ArrayLike, index: int) -> KeySlice:
