@@ -30,18 +30,38 @@ Tensor contract of :attr:`Preprocessed.volume` (the input of the model's adapter
   value (per-subject box, as in M3D's own preprocessing).
 
 Pipeline: read NIfTI -> header QC (slice count, thickness) -> N4 bias field
-estimated on a ``working_spacing_mm`` grid inside a head mask and divided out
-at full resolution -> registration to the template on the working grid
-(retried once, with a fresh random metric sampling, when the template
-correlation is below the QC limit) -> transform applied once at 1 mm onto the template grid -> image QC (template
-correlation, brain coverage, T1 contrast) -> crop, pad, normalise.
+estimated on a ``working_spacing_mm`` grid inside a head mask, extended by edge
+replication so that it covers the whole input grid, and divided out at full
+resolution -> registration to the template on the working grid -> transform
+applied once at 1 mm onto the template grid -> image QC (template correlation,
+brain coverage, T1 contrast) -> crop, pad, normalise.
+
+Registration starts from where the brain is, not from the image's centre of
+mass (which a neck, shoulders or a head off the isocentre pull far from the
+brain): the head's top (vertex) along the patient's superior axis and the
+centre of the slab below it place the template's brain; the metric is sampled
+only in the template's brain (dilated), so scalp, neck and background cannot
+drag it.  When the first result's template correlation is below
+``min_correlation + retry_margin``, further starts rotated about each axis are
+tried, and the best one wins.
+
+Every value array is checked after each stage (finite, positive range): a
+stage that produces NaN or Inf ends the run as "not analysed" naming the stage,
+never as a crash further down.  Every random draw (the metric's sampling) is
+seeded from the input's voxels and ``seed``: the same input gives the same
+tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +74,20 @@ from pipeline.errors import ConfigError, NotAnalysed, Outcome
 logger = logging.getLogger(__name__)
 
 Registration = Literal["Affine", "AffineFast", "SyN"]
+
+#: ANTsPy reads its random seed from a module global when it builds a registration's
+#: arguments; registrations of different threads take turns so that each gets its own.
+_ANTS_SEED_LOCK = threading.Lock()
+
+#: Extra starts tried when the first registration is poor: (axis, degrees) rotations
+#: about the template brain's centre (axis 0: left-right / pitch, 1: antero-posterior
+#: / roll, 2: superior / yaw).
+_EXTRA_STARTS: tuple[tuple[int, float], ...] = (
+    (0, 15.0), (0, -15.0), (2, 15.0), (2, -15.0), (1, 15.0), (1, -15.0),
+)
+
+#: Scalp and skull above the brain's top, in mm (adult head; the search absorbs the rest).
+_SCALP_MM = 12.0
 
 
 def default_template_path() -> Path:
@@ -89,8 +123,16 @@ class PreprocessConfig:
     aff_sampling_rate : float
         Fraction of voxels the metric samples at random.
     registration_attempts : int
-        When the template correlation is below ``min_correlation``, register
-        again (fresh random sampling) up to this many attempts in all; the best wins.
+        Starts tried in all: the brain-centred start, then rotated starts (pitch,
+        yaw, roll of +-15 degrees) while the best template correlation is below
+        ``min_correlation + retry_margin``; the best wins.  1 disables the search.
+    retry_margin : float
+        Correlation margin above ``min_correlation`` under which more starts are tried.
+    mask_dilation_mm : float
+        The metric is sampled inside the template's brain dilated by this much.
+    seed : int
+        Base of the metric's random sampling seed (combined with a hash of the
+        input voxels, so the same input always gives the same result).
     template_path : Path or None
         T1 template (brain-extracted, axis-aligned); default
         :func:`default_template_path`.
@@ -107,7 +149,10 @@ class PreprocessConfig:
     foreground_fraction : float
         Background threshold for ``crop="foreground"``, as a fraction of the clip value.
     threads : int
-        ITK threads.
+        ITK threads.  1 by default: ITK's multi-threaded metric adds its per-thread
+        sums in an order that changes from run to run, so 2 threads give
+        slightly different registrations of the same input.  ITK reads the count
+        once per process (the first preprocessing of a process fixes it).
     keep_registered : bool
         Return the registered volume (for key-slice images).
     min_slices : int
@@ -132,14 +177,17 @@ class PreprocessConfig:
     aff_shrink_factors: tuple[int, ...] = (4, 2)
     aff_smoothing_sigmas: tuple[float, ...] = (2.0, 1.0)
     aff_sampling_rate: float = 0.2
-    registration_attempts: int = 2
+    registration_attempts: int = 7
+    retry_margin: float = 0.05
+    mask_dilation_mm: float = 8.0
+    seed: int = 0
     template_path: Path | None = None
     target_shape: int = 256
     clip_percentile: float | None = 99.9
     crop: Literal["template", "foreground"] = "template"
     crop_margin_mm: float = 8.0
     foreground_fraction: float = 0.05
-    threads: int = 2
+    threads: int = 1
     keep_registered: bool = True
     min_slices: int = 100
     max_slice_thickness_mm: float = 1.5
@@ -214,8 +262,52 @@ def _crop_pad(data: NDArray[np.float32], box: NDArray[np.bool_], margin: int, si
     return out
 
 
+def _check_values(stage: str, values: NDArray[np.floating]) -> None:
+    """Refuse NaN/Inf, and an image without positive signal, after *stage*.
+
+    Raises
+    ------
+    NotAnalysed
+        ``QC_FAILED`` naming the stage, so that a bad value never travels on silently.
+    """
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(values.size - np.count_nonzero(finite))
+        raise NotAnalysed(Outcome.QC_FAILED, f"image values not finite after {stage} ({bad} voxels are NaN or "
+                                             "infinite)")
+    top = float(values.max()) if values.size else 0.0
+    if top <= 0.0 or top <= float(values.min()):
+        raise NotAnalysed(Outcome.QC_FAILED, f"image has no signal after {stage} (constant or not positive)")
+
+
+def _physical_points(image: Any, index: NDArray[Any]) -> NDArray[np.float64]:
+    """LPS world coordinates (mm) of voxel indices (n, 3) of an ANTs image."""
+    direction = np.asarray(image.direction, dtype=np.float64)
+    spacing = np.asarray(image.spacing, dtype=np.float64)
+    origin = np.asarray(image.origin, dtype=np.float64)
+    result: NDArray[np.float64] = origin + (np.asarray(index, dtype=np.float64) * spacing) @ direction.T
+    return result
+
+
+def _extend_to_grid(small: Any, values: NDArray[np.float32], pad: int) -> Any:
+    """An ANTs image of *values* on *small*'s grid grown by *pad* voxels each side (edge values)."""
+    import ants
+
+    direction = np.asarray(small.direction, dtype=np.float64)
+    spacing = np.asarray(small.spacing, dtype=np.float64)
+    origin = np.asarray(small.origin, dtype=np.float64) - direction @ (spacing * pad)
+    padded = np.pad(values, pad, mode="edge").astype(np.float32)
+    return ants.from_numpy(padded, origin=tuple(origin.tolist()), spacing=tuple(spacing.tolist()), direction=direction)
+
+
 def _n4(image: Any, config: PreprocessConfig) -> Any:
-    """Estimate the bias field on the working grid, divide it out at full resolution."""
+    """Estimate the bias field on the working grid, divide it out at full resolution.
+
+    The working grid ends up to one working voxel short of the input grid's far
+    faces, where a plain resampling of the field gives 0 (and the division Inf or
+    NaN); the field is therefore extended by edge replication before it is
+    resampled, and checked positive and finite everywhere.
+    """
     import ants
 
     spacing = max(config.working_spacing_mm, *image.spacing)
@@ -225,34 +317,151 @@ def _n4(image: Any, config: PreprocessConfig) -> Any:
         small, mask=mask, shrink_factor=config.n4_shrink_factor,
         convergence={"iters": list(config.n4_iterations), "tol": config.n4_tolerance}, return_bias_field=True)
     values = field_img.numpy()
-    inside = values > 0
+    inside = np.isfinite(values) & (values > 0)
     if not inside.any():
-        raise NotAnalysed(Outcome.PROCESSING_ERROR, "bias field estimation failed (empty head mask)")
-    values = np.where(inside, values, float(np.median(values[inside])))
-    field_img = field_img.new_image_like(values.astype(np.float32))
-    full_field = ants.resample_image_to_target(field_img, image, interp_type="linear")
+        raise NotAnalysed(Outcome.QC_FAILED, "bias field estimation failed (no head found in the image)")
+    values = np.where(inside, values, float(np.median(values[inside]))).astype(np.float32)
+    full_field = ants.resample_image_to_target(_extend_to_grid(field_img, values, pad=2), image,
+                                               interp_type="linear")
+    field_values = full_field.numpy()
+    if not np.isfinite(field_values).all() or float(field_values.min()) <= 0.0:
+        raise NotAnalysed(Outcome.QC_FAILED, "bias field estimation failed (field not positive over the image)")
     return image / full_field
 
 
-def _register(fixed: Any, moving: Any, config: PreprocessConfig) -> list[str]:
+def _input_seed(image: Any, config: PreprocessConfig) -> int:
+    """A seed drawn from the input's voxels and geometry (same input, same seed)."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(image.numpy(), dtype=np.float32).tobytes())
+    digest.update(np.asarray([*image.spacing, *image.origin], dtype=np.float64).tobytes())
+    digest.update(str(config.seed).encode())
+    return int.from_bytes(digest.digest()[:4], "little") % (2**31 - 1) or 1
+
+
+@contextmanager
+def _ants_seed(seed: int) -> Iterator[None]:
+    """ANTsPy's registration seed for the duration of one call (one thread at a time)."""
+    import ants
+
+    with _ANTS_SEED_LOCK:
+        previous = ants.config._random_seed
+        ants.config._random_seed = seed
+        try:
+            yield
+        finally:
+            ants.config._random_seed = previous
+
+
+def _head_top_and_centre(points: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
+    """Top (superior-most, robust) of a set of LPS points and the centre of the slab under it."""
+    top = float(np.percentile(points[:, 2], 99.5))
+    slab = points[(points[:, 2] > top - 90.0) & (points[:, 2] < top - 10.0)]
+    if len(slab) == 0:
+        slab = points
+    centre: NDArray[np.float64] = slab.mean(axis=0)
+    return top, centre
+
+
+def _brain_start(fixed_small: Any, moving_small: Any) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Template brain centre and the translation that puts it where the subject's brain is.
+
+    The subject's brain is placed from its head: the head's top minus the template
+    brain's depth (its top to its centroid) and a scalp, and the left-right and
+    antero-posterior centre of the slab under the top.  Unlike the centre of mass,
+    this does not move with the neck, the shoulders or a partly cut field of view.
+
+    Returns
+    -------
+    (centre, offset)
+        The template brain's centroid (LPS mm) and the moving-minus-fixed offset.
+    """
+    import ants
+
+    brain_points = _physical_points(fixed_small, np.argwhere(fixed_small.numpy() > 0))
+    head = ants.get_mask(moving_small, cleanup=2).numpy() > 0
+    if not head.any():
+        raise NotAnalysed(Outcome.QC_FAILED, "no head found in the image (registration start)")
+    head_points = _physical_points(moving_small, np.argwhere(head))
+    brain_top, brain_slab = _head_top_and_centre(brain_points)
+    brain_centre: NDArray[np.float64] = brain_points.mean(axis=0)
+    head_top, head_slab = _head_top_and_centre(head_points)
+    target = np.array([head_slab[0], head_slab[1], head_top - _SCALP_MM - (brain_top - brain_centre[2])])
+    source = np.array([brain_slab[0], brain_slab[1], brain_centre[2]])
+    offset: NDArray[np.float64] = target - source
+    return brain_centre, offset
+
+
+def _rotation(axis: int, degrees: float) -> NDArray[np.float64]:
+    angle = np.deg2rad(degrees)
+    c, s = float(np.cos(angle)), float(np.sin(angle))
+    i, j = [a for a in range(3) if a != axis]
+    matrix = np.eye(3)
+    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
+    return matrix
+
+
+def _start_transform(path: Path, centre: NDArray[np.float64], offset: NDArray[np.float64],
+                     rotation: NDArray[np.float64]) -> str:
+    """Write a fixed-to-moving start transform (rotation about *centre*, then *offset*)."""
+    import ants
+
+    transform = ants.create_ants_transform(
+        transform_type="AffineTransform", dimension=3, matrix=rotation, center=tuple(centre.tolist()),
+        translation=tuple(offset.tolist()))
+    ants.write_transform(transform, str(path))
+    return str(path)
+
+
+@dataclass
+class _Workspace:
+    """Working-grid images shared by the registration attempts."""
+
+    fixed: Any
+    moving: Any
+    mask: Any
+    centre: NDArray[np.float64]
+    offset: NDArray[np.float64]
+    brain: NDArray[np.bool_]
+    template: NDArray[np.float32]
+    directory: Path
+
+
+def _workspace(template: Any, moving: Any, config: PreprocessConfig, directory: Path) -> _Workspace:
     import ants
 
     spacing = max(config.working_spacing_mm, *moving.spacing)
-    fixed_small = ants.resample_image(fixed, (spacing,) * 3, False, 0)
+    fixed_small = ants.resample_image(template, (spacing,) * 3, False, 0)
     moving_small = ants.resample_image(moving, (spacing,) * 3, False, 0)
-    if config.registration == "Affine":
-        result = ants.registration(
-            fixed_small, moving_small, type_of_transform="Affine",
-            aff_iterations=tuple(config.aff_iterations), aff_shrink_factors=tuple(config.aff_shrink_factors),
-            aff_smoothing_sigmas=tuple(config.aff_smoothing_sigmas),
-            aff_random_sampling_rate=config.aff_sampling_rate)
-    elif config.registration in ("AffineFast", "SyN"):
-        result = ants.registration(fixed_small, moving_small, type_of_transform=config.registration,
-                                   aff_random_sampling_rate=config.aff_sampling_rate)
-    else:
-        raise ConfigError(f"registration {config.registration!r}: expected Affine, AffineFast or SyN")
-    transforms: list[str] = list(result["fwdtransforms"])
-    return transforms
+    brain_small = fixed_small.new_image_like((fixed_small.numpy() > 0).astype(np.float32))
+    radius = max(1, round(config.mask_dilation_mm / spacing))
+    mask = ants.morphology(brain_small, "dilate", radius, mtype="binary", shape="ball")
+    centre, offset = _brain_start(fixed_small, moving_small)
+    template_small = _to_dhw(fixed_small)
+    return _Workspace(fixed_small, moving_small, mask, centre, offset, template_small > 0, template_small, directory)
+
+
+def _register(ws: _Workspace, config: PreprocessConfig, start: NDArray[np.float64], attempt: int,
+              seed: int) -> tuple[list[str], float]:
+    """One registration from a start rotation; (forward transforms, working-grid template correlation)."""
+    import ants
+
+    initial = _start_transform(ws.directory / f"start{attempt}.mat", ws.centre, ws.offset, start)
+    common: dict[str, Any] = {"initial_transform": [initial], "mask": ws.mask,
+                              "aff_random_sampling_rate": config.aff_sampling_rate,
+                              "outprefix": str(ws.directory / f"reg{attempt}_")}
+    with _ants_seed(seed + attempt):
+        if config.registration == "Affine":
+            result = ants.registration(
+                ws.fixed, ws.moving, type_of_transform="Affine", aff_iterations=tuple(config.aff_iterations),
+                aff_shrink_factors=tuple(config.aff_shrink_factors),
+                aff_smoothing_sigmas=tuple(config.aff_smoothing_sigmas), **common)
+        elif config.registration in ("AffineFast", "SyN"):
+            result = ants.registration(ws.fixed, ws.moving, type_of_transform=config.registration, **common)
+        else:
+            raise ConfigError(f"registration {config.registration!r}: expected Affine, AffineFast or SyN")
+    transforms: list[str] = list(result["fwdtransforms"])  # the start is composed into the affine
+    warped = _to_dhw(result["warpedmovout"])
+    return transforms, _correlation(warped[ws.brain], ws.template[ws.brain])
 
 
 def _correlation(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
@@ -315,9 +524,10 @@ def preprocess(nifti_path: Path, config: PreprocessConfig) -> Preprocessed:
     try:
         image = ants.image_read(str(nifti_path), pixeltype="float")
     except (RuntimeError, ValueError, OSError) as exc:
-        raise NotAnalysed(Outcome.PROCESSING_ERROR, f"cannot read the converted volume: {exc}") from exc
+        logger.warning("cannot read the converted volume (%s)", type(exc).__name__)
+        raise NotAnalysed(Outcome.PROCESSING_ERROR, "the converted volume could not be read") from exc
     if image.dimension != 3:
-        raise NotAnalysed(Outcome.PROCESSING_ERROR, f"expected a 3D volume, got {image.dimension}D")
+        raise NotAnalysed(Outcome.PROCESSING_ERROR, f"the series is not a 3D volume ({image.dimension}D)")
     qc: dict[str, float] = {"slices": float(min(image.shape)), "slice_thickness_mm": float(max(image.spacing))}
     if qc["slices"] < config.min_slices:
         raise _qc_fail("too few slices", qc["slices"], config.min_slices)
@@ -328,34 +538,39 @@ def preprocess(nifti_path: Path, config: PreprocessConfig) -> Preprocessed:
         template = ants.image_read(str(template_path), pixeltype="float")
     except (RuntimeError, ValueError, OSError) as exc:
         raise ConfigError(f"cannot read template {template_path}: {exc}") from exc
+    _check_values("reading the volume", image.numpy())
     seconds["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     corrected = _n4(image, config) if config.n4 else image
+    if config.n4:
+        _check_values("N4 bias correction", corrected.numpy())
     seconds["n4"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     template_arr = _to_dhw(template)
-    brain = template_arr > 0
-    best: tuple[float, list[str], Any] = (-2.0, [], None)
-    for attempt in range(max(1, config.registration_attempts)):
-        # each attempt draws a fresh random metric sampling, hence a different optimisation path
-        transforms = _register(template, corrected, config)
+    seed = _input_seed(image, config)
+    with tempfile.TemporaryDirectory(prefix="register-") as tmp:
+        ws = _workspace(template, corrected, config, Path(tmp))
+        starts = [np.eye(3)] + [_rotation(axis, deg) for axis, deg in _EXTRA_STARTS]
+        best: tuple[float, list[str]] = (-2.0, [])
+        for attempt, start in enumerate(starts[:max(1, config.registration_attempts)]):
+            transforms, corr = _register(ws, config, start, attempt, seed)
+            if corr > best[0]:
+                best = (corr, transforms)
+            if best[0] >= config.min_correlation + config.retry_margin:
+                break
+            logger.info("registration start %d: template correlation %.3f (working grid), trying another start",
+                        attempt + 1, corr)
+        transforms = best[1]
         warped_img = ants.apply_transforms(template, corrected, transforms, interpolator="linear")
-        corr = _correlation(_to_dhw(warped_img)[brain], template_arr[brain])
-        if corr > best[0]:
-            best = (corr, transforms, warped_img)
-        if corr >= config.min_correlation:
-            break
-        logger.warning("registration attempt %d: template correlation %.3f below %.3f", attempt + 1, corr,
-                       config.min_correlation)
-    _, transforms, warped_img = best
-    seconds["registration"] = time.perf_counter() - t0
+        seconds["registration"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    ones = image.new_image_like(np.ones(image.shape, dtype=np.float32))
-    coverage_img = ants.apply_transforms(template, ones, transforms, interpolator="nearestNeighbor")
+        t0 = time.perf_counter()
+        ones = image.new_image_like(np.ones(image.shape, dtype=np.float32))
+        coverage_img = ants.apply_transforms(template, ones, transforms, interpolator="nearestNeighbor")
     warped = _to_dhw(warped_img)
+    _check_values("registration", warped)
     qc.update(_image_qc(warped, template_arr, _to_dhw(coverage_img), config))
     seconds["qc"] = time.perf_counter() - t0
 
@@ -374,6 +589,7 @@ def preprocess(nifti_path: Path, config: PreprocessConfig) -> Preprocessed:
         cube = _crop_pad(clipped, clipped > config.foreground_fraction * top, 0, config.target_shape)
     lo = float(cube.min())
     volume = ((cube - lo) / (top - lo)).astype(np.float32)
+    _check_values("normalisation", volume)
     seconds["crop_resample"] = time.perf_counter() - t0
     logger.info("preprocessed volume: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return Preprocessed(volume=volume, stage_seconds=seconds, qc=qc,

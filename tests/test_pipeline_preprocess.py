@@ -118,20 +118,20 @@ def test_inverted_contrast_fails_qc(tmp_path):
 def test_unreadable_file(tmp_path):
     bogus = tmp_path / "bogus.nii.gz"
     bogus.write_bytes(b"nothing")
-    with pytest.raises(NotAnalysed, match="cannot read the converted volume") as info:
+    with pytest.raises(NotAnalysed, match="the converted volume could not be read") as info:
         preprocess(bogus, FAST)
     assert info.value.outcome is Outcome.PROCESSING_ERROR
 
 
-def test_low_correlation_retries_then_fails_qc(tmp_path, monkeypatch):
+def test_low_correlation_tries_every_start_then_fails_qc(tmp_path, monkeypatch):
     import pipeline.preprocess as pre
 
-    calls: list[float] = []
+    calls: list[tuple[int, int, tuple[float, ...]]] = []
     real = pre._register
 
-    def counting(fixed, moving, config):
-        calls.append(config.aff_sampling_rate)
-        return real(fixed, moving, config)
+    def counting(ws, config, start, attempt, seed):
+        calls.append((attempt, seed, tuple(np.round(start.ravel(), 3))))
+        return real(ws, config, start, attempt, seed)
 
     monkeypatch.setattr(pre, "_register", counting)
     path = _save(*_colin_2mm(), tmp_path / "colin_2mm.nii.gz")
@@ -139,4 +139,87 @@ def test_low_correlation_retries_then_fails_qc(tmp_path, monkeypatch):
                                           r"limit 0\.99") as info:
         preprocess(path, replace(FAST, min_correlation=0.99, n4=False))
     assert info.value.outcome is Outcome.QC_FAILED
-    assert len(calls) == 2
+    # the brain-centred start, then pitch, yaw and roll of +-15 degrees: 7 distinct starts, one seed each
+    assert [a for a, _, _ in calls] == list(range(7))
+    assert len({start for _, _, start in calls}) == 7
+    assert calls[0][2] == tuple(np.eye(3).ravel())
+    assert len({seed for _, seed, _ in calls}) == 1  # the base seed comes from the input, attempts add to it
+
+
+def test_a_good_first_start_is_not_searched_further(tmp_path, monkeypatch):
+    import pipeline.preprocess as pre
+
+    calls: list[int] = []
+    real = pre._register
+    monkeypatch.setattr(pre, "_register", lambda ws, c, s, a, seed: calls.append(a) or real(ws, c, s, a, seed))
+    preprocess(_save(*_colin_2mm(), tmp_path / "colin_2mm.nii.gz"), replace(FAST, n4=False))
+    assert calls == [0]
+
+
+def _odd_grid_image():
+    """An ANTs image on an odd grid whose 2 mm working grid stops short of the far faces."""
+    import ants
+
+    shape = (91, 113, 97)
+    grid = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in shape], indexing="ij")
+    head = 600.0 * np.exp(-(grid[0] ** 2 + grid[1] ** 2 + grid[2] ** 2))  # signal up to every face
+    bias = 1.0 + 0.3 * grid[0] - 0.2 * grid[2]
+    data = (head * bias + 50.0).astype(np.float32)
+    return ants.from_numpy(data, origin=(-54.6, -67.8, -53.35), spacing=(1.2, 1.2, 1.1))
+
+
+def test_n4_bias_field_covers_the_whole_input_grid():
+    """Scanner grids (176 x 240 x 256, 1.2 mm...) end beyond the working grid: no Inf or NaN there."""
+    from pipeline.preprocess import _n4
+
+    image = _odd_grid_image()
+    corrected = _n4(image, PreprocessConfig(n4_iterations=(10, 10)))
+    values = corrected.numpy()
+    assert np.isfinite(values).all()
+    # the last voxel of every face still holds signal of the input's order of magnitude
+    far = values[-1, -1, -1], values[-1, 0, 0], values[0, -1, 0], values[0, 0, -1]
+    assert all(20.0 < v < 2000.0 for v in far), far
+    # a divided-out field: the corrected image's shape follows the input's (no holes, no steps)
+    ratio = values / image.numpy()
+    assert float(ratio.min()) > 0.2 and float(ratio.max()) < 5.0
+
+
+def test_blank_input_is_a_named_refusal(tmp_path):
+    """(ITK's NIfTI reader already turns NaN and Inf into 0: a blank image is what reaches us.)"""
+    volume, affine = _colin_2mm()
+    with pytest.raises(NotAnalysed, match=r"image has no signal after reading the volume") as info:
+        preprocess(_save(np.zeros_like(volume), affine, tmp_path / "blank.nii.gz"), FAST)
+    assert info.value.outcome is Outcome.QC_FAILED
+
+
+def test_stage_that_produces_nan_is_named(tmp_path, monkeypatch):
+    import pipeline.preprocess as pre
+
+    monkeypatch.setattr(pre, "_n4", lambda image, config: image / image.new_image_like(
+        np.zeros(image.shape, dtype=np.float32)))
+    with pytest.raises(NotAnalysed, match=r"not finite after N4 bias correction"):
+        preprocess(_save(*_colin_2mm(), tmp_path / "colin_2mm.nii.gz"), FAST)
+
+
+@pytest.fixture(scope="module")
+def posed_head(tmp_path_factory) -> Path:
+    """A whole head with neck, 15 degrees pitched, 28 mm off the isocentre, head 6 % larger."""
+    from tests.support.corpus import Appearance, Pose, centred_grid, render
+
+    appearance = Appearance(pose=Pose((15.0, -9.0, 12.0), (-28.0, 22.0, -25.0), 1.06), seed=7)
+    shape = (201, 231, 221)
+    affine = centred_grid(shape, (1.0, 1.0, 1.0))
+    path = tmp_path_factory.mktemp("head") / "head.nii.gz"
+    nib.save(nib.Nifti1Image(render(appearance, affine, shape), affine), path)
+    return path
+
+
+@pytest.mark.slow
+def test_whole_head_off_centre_registers_and_is_deterministic(posed_head):
+    """Neck and pose no longer defeat registration; the same input gives the same tensor."""
+    config = PreprocessConfig(keep_registered=False)
+    first = preprocess(posed_head, config)
+    second = preprocess(posed_head, config)
+    assert first.qc["correlation"] >= 0.55 and first.qc["coverage"] >= 0.95
+    np.testing.assert_array_equal(first.volume, second.volume)
+    assert first.qc == second.qc
