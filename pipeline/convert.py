@@ -78,7 +78,7 @@ def _plane(position: object, orientation: object, spacing: object, rows: object,
         iop = np.asarray([float(v) for v in orientation], dtype=np.float64)  # type: ignore[attr-defined]
         px = tuple(float(v) for v in spacing)  # type: ignore[attr-defined]
     except (TypeError, ValueError) as exc:
-        raise _fail(f"missing geometry: {what} has unreadable geometry ({exc})") from exc
+        raise _fail(f"missing geometry: {what} has unreadable position, orientation or pixel spacing") from exc
     if pos.shape != (3,) or iop.shape != (6,) or len(px) != 2 or min(px) <= 0:
         raise _fail(f"missing geometry: {what} has malformed position/orientation/pixel spacing")
     return _Plane(pos, iop, (px[0], px[1]), (int(rows), int(columns)))  # type: ignore[call-overload]
@@ -152,7 +152,8 @@ def _read(files: Sequence[Path]) -> list[Dataset]:
         try:
             datasets.append(pydicom.dcmread(path))
         except (InvalidDicomError, OSError) as exc:
-            raise _fail(f"unreadable DICOM file {Path(path).name}: {exc}") from exc
+            logger.warning("unreadable DICOM file in the series (%s)", type(exc).__name__)
+            raise _fail("an image of the series is not a readable DICOM file") from exc
     return datasets
 
 
@@ -204,7 +205,8 @@ def _convert_multiframe(ds: Dataset, out_path: Path) -> Path:
     try:
         pixels = np.asarray(ds.pixel_array, dtype=np.float32)
     except (ValueError, RuntimeError, NotImplementedError) as exc:
-        raise _fail(f"cannot decode pixel data ({ds.file_meta.TransferSyntaxUID.name}): {exc}") from exc
+        logger.warning("pixel data not decodable (%s)", type(exc).__name__)
+        raise _fail(f"the pixel data could not be decoded ({ds.file_meta.TransferSyntaxUID.name})") from exc
     if pixels.ndim != 3:
         raise _fail(f"multi-frame pixel data has shape {pixels.shape}, expected (frames, rows, columns)")
     slices = []
@@ -296,9 +298,11 @@ def convert_series(files: Sequence[Path], out_path: Path) -> Path:
         try:
             dicom_array_to_nifti(ordered, str(out_path), reorient_nifti=True)
         except (ConversionError, ConversionValidationError) as exc:
-            raise _fail(f"dicom2nifti refused the series: {exc}") from exc
+            logger.warning("dicom2nifti refused the series (%s)", type(exc).__name__)
+            raise _fail("the images do not form a volume that can be converted (the converter refused them)") from exc
         except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError) as exc:
-            raise _fail(f"conversion failed ({type(exc).__name__}): {exc}") from exc
+            logger.warning("conversion failed (%s)", type(exc).__name__)
+            raise _fail("the series could not be converted to a volume") from exc
     img = nib.Nifti1Image.from_filename(out_path)
     zooms = img.header.get_zooms()
     if len(img.shape) != 3 or not np.any(np.isclose(zooms, spacing, rtol=0.05)):
