@@ -24,6 +24,7 @@ from dicom_node.notes_store import make_notes_source
 from dicom_node.scheduler import Scheduler
 from dicom_node.server import StorageServer
 from dicom_node.settings import Settings
+from dicom_node.spool_reconcile import reconcile_spool
 from pipeline.errors import NodeError
 
 if TYPE_CHECKING:
@@ -152,17 +153,30 @@ class Node:
         process_run(run_id, self.context)
 
     def start(self) -> None:
-        """Start listening and processing."""
+        """Reconcile the spool with the database, then start processing and listening.
+
+        Reconciliation (:func:`~dicom_node.spool_reconcile.reconcile_spool`) runs
+        before the listener opens: spool files without rows are recorded, rows
+        without files marked, so that everything acknowledged before a stop is
+        processed now.
+        """
+        reconcile_spool(self.server.spool, self.server.recorder)
         self.scheduler.start()
         self.server.start()
 
     def stop(self) -> None:
-        """Stop listening, finish the runs in progress, release the database."""
+        """Stop listening, let associations in flight end, finish the runs in progress, release the database.
+
+        Associations still open ``network.shutdown_grace_s`` after the
+        listener closed are aborted; every instance they had been answered
+        Success for is kept and processed (after a restart, if need be).
+        """
         if self._stopped.is_set():
             return
         self._stopped.set()
-        logger.info("stopping: no new associations; finishing runs in progress")
-        self.server.stop()
+        grace = self.settings.network.shutdown_grace_s
+        logger.info("stopping: no new associations; up to %.1f s for those in flight; finishing runs", grace)
+        self.server.stop(grace_s=grace)
         self.scheduler.stop(wait_for_runs=True)
         self.db.engine.dispose()
         logger.info("stopped")

@@ -1,25 +1,23 @@
-"""The association log and the quarantine of aborted associations.
+"""The association log.
 
 Every association is recorded (calling/called AE title, peer address, TLS,
-start/end, instances stored and refused, outcome).  When an association ends
-without an A-RELEASE (aborted by either side, or the connection dropped), the
-instances it delivered are moved to the quarantine directory, flagged
-``quarantined`` and left out of completeness and processing; re-sending them
-later brings them back.
+start/end, instances stored and refused, outcome).  How an association ends
+never changes what it delivered: an instance answered Success is stored
+(PS3.4), so the instances of an aborted or dropped association are kept,
+counted and processed like any other; the log records the abort and how many
+acknowledged instances it kept.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import AssociationLog, Instance, Run, Series, Study
-from dicom_node.ingest import Spool, utcnow
+from dicom_node.db.models import AssociationLog
+from dicom_node.ingest import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +41,16 @@ class AssociationInfo:
 
 
 class AssociationJournal:
-    """Writes the association log and quarantines aborted associations.
+    """Writes the association log.
 
     Parameters
     ----------
     sessions : sessionmaker
         Database sessions.
-    spool : Spool
-        The spool (its ``quarantine`` directory receives the files).
     """
 
-    def __init__(self, sessions: sessionmaker[Session], spool: Spool) -> None:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
-        self.spool = spool
 
     def start(self, info: AssociationInfo) -> int:
         """Record a requested association; returns its log id."""
@@ -75,41 +70,3 @@ class AssociationJournal:
             session.execute(update(AssociationLog).where(AssociationLog.id == log_id).values(
                 ended_at=utcnow(), outcome=outcome, reason=reason, instances_stored=stored,
                 instances_refused=refused))
-
-    def quarantine(self, log_id: int) -> int:
-        """Move the instances of an aborted association to quarantine; returns how many."""
-        with self.sessions.begin() as session:
-            rows = session.execute(
-                select(Instance.id, Instance.spool_path, Instance.series_id)
-                .where(Instance.association_id == log_id, Instance.quarantined.is_(False))
-            ).all()
-            series_ids = {row[2] for row in rows}
-            for instance_id, spool_path, _ in rows:
-                source = Path(spool_path)
-                target = self.spool.quarantine_path(source)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(source, target)
-                except FileNotFoundError:
-                    logger.warning("quarantine: spooled file of instance row %d is missing", instance_id)
-                session.execute(update(Instance).where(Instance.id == instance_id).values(
-                    quarantined=True, spool_path=str(target)))
-            for series_id in series_ids:
-                _recount(session, series_id)
-        if rows:
-            logger.warning("association %d aborted: %d instance(s) quarantined", log_id, len(rows))
-        return len(rows)
-
-
-def _recount(session: Session, series_id: int) -> None:
-    """Series count without quarantined instances; the study needs a run only for new, kept data."""
-    kept = session.scalar(select(func.count(Instance.id)).where(
-        Instance.series_id == series_id, Instance.quarantined.is_(False))) or 0
-    session.execute(update(Series).where(Series.id == series_id).values(instance_count=kept))
-    study_id = session.scalar(select(Series.study_id).where(Series.id == series_id))
-    last_run = session.scalar(select(func.max(Run.created_at)).where(Run.study_id == study_id))
-    newer = select(Instance.id).join(Series).where(Series.study_id == study_id, Instance.quarantined.is_(False))
-    if last_run is not None:
-        newer = newer.where(Instance.received_at > last_run)
-    needs_run = session.scalar(newer.limit(1)) is not None
-    session.execute(update(Study).where(Study.id == study_id).values(needs_run=needs_run))

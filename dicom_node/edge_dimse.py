@@ -65,6 +65,10 @@ class StoreRequest:
     sop_instance_uid: str
     move_originator_ae_title: str | None = None
     fragments: list[memoryview] = field(default_factory=list)
+    #: Bytes of the data set received so far.
+    size: int = 0
+    #: The data set grew past the assembler's bound: its fragments were dropped as they came.
+    oversize: bool = False
 
     def dataset_bytes(self) -> bytes:
         """The encoded data set (one copy of the fragments)."""
@@ -166,11 +170,16 @@ class StoreAssembler:
         Accepted presentation context ID -> its transfer syntax UID.
     store : callable
         The node's C-STORE service (:data:`StoreFunction`).
+    max_dataset_bytes : int, optional
+        Largest data set kept: the fragments of a larger one are dropped as they
+        arrive and *store* gets the request with ``oversize`` set (and no data), to refuse it.
     """
 
-    def __init__(self, transfer_syntaxes: dict[int, str], store: StoreFunction) -> None:
+    def __init__(self, transfer_syntaxes: dict[int, str], store: StoreFunction,
+                 max_dataset_bytes: int | None = None) -> None:
         self.transfer_syntaxes = transfer_syntaxes
         self.store = store
+        self.max_dataset_bytes = max_dataset_bytes
         self._route: _Route | None = None
         self._held: list[bytes] = []          # command PDV items of a message not routed yet
         self._command = bytearray()
@@ -218,7 +227,12 @@ class StoreAssembler:
                 request = self._request
                 if request is None or is_command or context_id != request.context_id:
                     raise ProtocolError("data set fragment out of order")
-                request.fragments.append(value)
+                request.size += len(value)
+                if self.max_dataset_bytes is not None and request.size > self.max_dataset_bytes:
+                    request.oversize = True
+                    request.fragments.clear()  # never held: the PDUs it came in are freed
+                elif not request.oversize:
+                    request.fragments.append(value)
                 if is_last:
                     responses.append(self._serve(request))
                 continue

@@ -18,7 +18,14 @@ acceptor association, before it starts, with event-driven equivalents:
 
 Both loops keep pynetdicom's logic step for step (state machine, ARTIM and idle
 timers, release and abort handling); idle, each wakes every
-:data:`IDLE_WAIT_S` to check its timers.  They rely on pynetdicom internals,
+:data:`IDLE_WAIT_S` to check its timers.
+
+No PDU can stall or exhaust the association: until it is established every
+read is bounded by the ACSE timeout (a half-sent A-ASSOCIATE-RQ closes the
+connection when it passes), afterwards by the network timeout, each PDU as a
+whole (a peer trickling bytes gets at most twice that); a PDU is refused
+before anything is allocated when it is longer than the negotiated maximum
+(P-DATA-TF) or :data:`MAX_CONTROL_PDU` (any other), and the association aborted.  They rely on pynetdicom internals,
 so the node pins ``pynetdicom>=3,<4`` and :func:`install` refuses an
 association whose internals differ (it is then served by the stock loops).
 """
@@ -33,6 +40,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import types
 from typing import Any
 
@@ -45,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 #: How long an idle loop waits before checking its timers again.
 IDLE_WAIT_S = 0.01
+#: Longest PDU other than P-DATA-TF read (an A-ASSOCIATE-RQ proposing 128 contexts is about 20 KiB).
+MAX_CONTROL_PDU = 256 * 1024
 
 
 class _WakingQueue(queue.Queue[Any]):
@@ -60,13 +70,14 @@ class _WakingQueue(queue.Queue[Any]):
             self._wake.send(b"\0")
 
 
-def install(assoc: Any, store: StoreFunction | None = None) -> bool:
+def install(assoc: Any, store: StoreFunction | None = None, max_dataset_bytes: int | None = None) -> bool:
     """Give an acceptor association the event-driven loops; call from ``EVT_CONN_OPEN``.
 
     With *store*, C-STORE requests of the established association are served by
     it on the lean path (:mod:`dicom_node.edge_dimse`) instead of pynetdicom's
-    ``EVT_C_STORE`` handler.  Returns False (stock loops kept) when
-    pynetdicom's internals are not as expected.
+    ``EVT_C_STORE`` handler; data sets over *max_dataset_bytes* are not kept
+    (see :class:`~dicom_node.edge_dimse.StoreAssembler`).  Returns False
+    (stock loops kept) when pynetdicom's internals are not as expected.
     """
     dul = assoc.dul
     needed = ("to_provider_queue", "event_queue", "_is_transport_event", "_process_recv_primitive",
@@ -79,10 +90,45 @@ def install(assoc: Any, store: StoreFunction | None = None) -> bool:
     reader.setblocking(False)
     writer.setblocking(False)
     dul.to_provider_queue = _WakingQueue(writer)
-    lane = _StoreLane(dul, store) if store is not None else None
+    if getattr(dul.socket, "recv", None) is not None:
+        dul.socket.recv = types.MethodType(_bounded_recv, dul.socket)
+    lane = _StoreLane(dul, store, max_dataset_bytes) if store is not None else None
     dul._target = lambda: _dul_reactor(dul, reader, writer, lane)
     assoc._run_reactor = types.MethodType(_assoc_reactor, assoc)
     return True
+
+
+def _phase_timeout(assoc: Any) -> float | None:
+    """The timeout of a read now: ACSE until the association is established, network afterwards."""
+    if assoc.is_established:
+        return assoc.network_timeout
+    return assoc.acse_timeout
+
+
+def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` (pynetdicom's reads of a PDU) under a deadline and a size bound.
+
+    Returns what was read; pynetdicom takes a short read as a closed connection (Evt17).
+    """
+    sock = self.socket
+    bytestream = bytearray()
+    limit = max(MAX_CONTROL_PDU, int(self.assoc.acceptor.maximum_length or 0) + 6)
+    if nr_bytes > limit:
+        logger.error("PDU of %d bytes declared, longer than %d: connection closed", nr_bytes, limit)
+        return bytestream
+    timeout = _phase_timeout(self.assoc)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if timeout is not None and sock.gettimeout() != timeout:
+        sock.settimeout(timeout)
+    while len(bytestream) < nr_bytes:
+        if deadline is not None and time.monotonic() > deadline:
+            logger.error("PDU not received within %.0f s: connection closed", timeout)
+            return bytestream
+        chunk = sock.recv(min(65536, nr_bytes - len(bytestream)))
+        if not chunk:
+            return bytestream
+        bytestream.extend(chunk)
+    return bytestream
 
 
 def _wait(dul: Any, reader: socket.socket) -> None:
@@ -153,10 +199,12 @@ def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket, lane: _
 class _StoreLane:
     """The DUL side of the lean C-STORE path: reads PDUs of an established association."""
 
-    def __init__(self, dul: Any, store: StoreFunction) -> None:
+    def __init__(self, dul: Any, store: StoreFunction, max_dataset_bytes: int | None = None) -> None:
         self.dul = dul
         self.store = store
+        self.max_dataset_bytes = max_dataset_bytes
         self.assembler: StoreAssembler | None = None
+        self.timeout: float | None = None
 
     def active(self) -> bool:
         """True while the association is established (state Sta6) on a plain or TLS socket."""
@@ -166,7 +214,7 @@ class _StoreLane:
     def _assembler(self) -> StoreAssembler:
         if self.assembler is None:
             contexts = {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in self.dul.assoc.accepted_contexts}
-            self.assembler = StoreAssembler(contexts, self.store)
+            self.assembler = StoreAssembler(contexts, self.store, self.max_dataset_bytes)
         return self.assembler
 
     def read(self) -> bool:
@@ -175,8 +223,12 @@ class _StoreLane:
         if not dul.socket.ready:
             return False
         raw = dul.socket.socket
+        if self.timeout is None:  # established: the network timeout bounds every PDU from now on
+            self.timeout = float(dul.assoc.network_timeout or 0) or None
+            raw.settimeout(self.timeout)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            header = _recv_exact(raw, 6)
+            header = _recv_exact(raw, 6, deadline)
             if header is None:
                 dul.event_queue.put("Evt17")  # transport connection closed
                 return True
@@ -185,12 +237,16 @@ class _StoreLane:
                 logger.error("unknown PDU type 0x%02X received", pdu_type)
                 dul.event_queue.put("Evt19")  # unrecognised PDU
                 return True
-            limit = int(dul.assoc.acceptor.maximum_length or 0)
-            if pdu_type == 0x04 and limit and length > limit + 6:
+            limit = int(dul.assoc.acceptor.maximum_length or 0) or MAX_CONTROL_PDU
+            if pdu_type == 0x04 and length > limit + 6:
                 logger.error("P-DATA-TF PDU of %d bytes exceeds our maximum PDU length %d", length, limit)
                 dul.event_queue.put("Evt19")
                 return True
-            body = _recv_exact(raw, length)
+            if pdu_type != 0x04 and length > MAX_CONTROL_PDU:  # refused before a byte of it is allocated
+                logger.error("PDU of type 0x%02X declares %d bytes, more than %d", pdu_type, length, MAX_CONTROL_PDU)
+                dul.event_queue.put("Evt19")
+                return True
+            body = _recv_exact(raw, length, deadline)
         except (OSError, TimeoutError) as exc:
             logger.error("connection lost while reading a PDU (%s)", type(exc).__name__)
             dul.event_queue.put("Evt17")
@@ -230,12 +286,20 @@ class _StoreLane:
         dul._recv_pdu.put(pdu)
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytearray | None:
-    """Exactly *size* bytes from *sock*, or None when the peer closed first."""
+def _recv_exact(sock: socket.socket, size: int, deadline: float | None = None) -> bytearray | None:
+    """Exactly *size* bytes from *sock*, or None when the peer closed first.
+
+    Raises
+    ------
+    TimeoutError
+        The socket's timeout passed without data, or *deadline* (``time.monotonic()``) passed.
+    """
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
     while got < size:
+        if deadline is not None and got and time.monotonic() > deadline:
+            raise TimeoutError("PDU not complete within the network timeout")
         count = sock.recv_into(view[got:], size - got)
         if count == 0:
             return None

@@ -1,10 +1,11 @@
 """Accepting one received instance: check it, spool it, record it.
 
 This is the work behind the C-STORE handler.  It never decodes pixel data: the
-encoded dataset is written to the spool as it arrived (fsynced when
-``storage.fsync``) and recorded in the database before the handler answers
-Success.  The recorder uses SQLAlchemy Core with cached study/series ids, so an
-instance costs one lookup and three small statements in one transaction.
+encoded dataset is written to the spool as it arrived (file and directory
+fsynced when ``storage.fsync``) and its row committed (durably: see
+:mod:`dicom_node.db.session`) before the handler answers Success.  The
+recorder uses SQLAlchemy Core with cached study/series ids, so an instance
+costs one lookup and three small statements in one transaction.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class Spool:
     fsync : bool
         Flush each file to disk before it is recorded (``storage.fsync``).
     quarantine : Path, optional
-        Where instances of aborted associations are moved (same layout).
+        Where start-up reconciliation moves spool files it cannot record (same
+        layout; :mod:`dicom_node.spool_reconcile`).
     """
 
     def __init__(self, root: Path, *, fsync: bool = True, quarantine: Path | None = None) -> None:
@@ -165,14 +167,19 @@ class Spool:
         return self._free_measured - self._written_since
 
     def write(self, path: Path, data: bytes | Sequence[bytes]) -> None:
-        """Write *data* (one buffer, or several written in order) atomically.
+        """Write *data* (one buffer, or several written in order) atomically and durably.
 
-        A temporary file, fsync when configured, then a rename.
+        A temporary file, fsynced, renamed into place, then the directory
+        fsynced (with ``storage.fsync``; new directories' parents too), so the
+        file and its name survive a power loss before the row is committed.
         """
         parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
         parent = path.parent
         if parent not in self._dirs:
-            parent.mkdir(parents=True, exist_ok=True)
+            created = self._make_dirs(parent)
+            if self.fsync:  # the new directories' own entries, from the top down
+                for directory in created:
+                    fsync_directory(directory.parent)
             if len(self._dirs) > 10_000:
                 self._dirs.clear()
             self._dirs.add(parent)
@@ -190,15 +197,36 @@ class Spool:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        if self.fsync:  # the rename itself: without it a power loss can leave the old name, or none
+            fsync_directory(parent)
         self._written_since += total
 
+    def _make_dirs(self, directory: Path) -> list[Path]:
+        """Create *directory* and missing parents; returns those created, topmost first."""
+        missing: list[Path] = []
+        probe = directory
+        while probe != self.root and not probe.is_dir() and self.root in probe.parents:
+            missing.append(probe)
+            probe = probe.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        return missing[::-1]
+
     def quarantine_path(self, spooled: Path) -> Path:
-        """Where a spooled file goes when its association was aborted."""
+        """Where a spooled file goes when it cannot be recorded (and where earlier versions moved aborted ones)."""
         try:
             relative = spooled.resolve().relative_to(self.root)
         except ValueError:
             relative = Path(spooled.name)
         return self.quarantine / relative
+
+
+def fsync_directory(directory: Path) -> None:
+    """fsync a directory, making the entries created or renamed in it durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -216,12 +244,14 @@ class Prior:
     sha256: str
     quarantined: bool
     row_id: int | None = None
+    #: Start-up found its spooled file gone: a re-send writes it again, whatever the policy.
+    file_missing: bool = False
 
 
 class Duplicate(StrEnum):
     """What to do with a received instance given the duplicate policy."""
 
-    NEW = "new"            # never seen, or only in quarantine
+    NEW = "new"            # never seen, or only in quarantine (earlier versions)
     IGNORE = "ignore"      # identical re-send: acknowledged, nothing written
     REPLACE = "replace"    # overwrite the stored instance
     REJECT = "reject"      # refused with Duplicate SOP Instance
@@ -233,9 +263,10 @@ def duplicate_decision(policy: str, prior: Prior | None, digest: str) -> Duplica
     ``ignore_identical``: an identical re-send (same SHA-256) is acknowledged and
     ignored; changed content replaces the stored instance.  ``replace``: every
     re-send overwrites.  ``reject``: every re-send is refused (0x0111).
-    An instance held only in quarantine is always accepted as new.
+    An instance held only in quarantine (earlier versions), or whose spooled
+    file was found missing, is always accepted as new.
     """
-    if prior is None or prior.quarantined:
+    if prior is None or prior.quarantined or prior.file_missing:
         return Duplicate.NEW
     if policy == "reject":
         return Duplicate.REJECT
@@ -246,7 +277,8 @@ def duplicate_decision(policy: str, prior: Prior | None, digest: str) -> Duplica
 
 #: The instance columns written on every receipt (besides its UID and series).
 _INSTANCE_VALUES = ("sop_class_uid", "transfer_syntax_uid", "calling_ae_title", "peer_address", "spool_path",
-                    "size_bytes", "sha256", "received_at", "association_id", "quarantined", "lossy")
+                    "size_bytes", "sha256", "received_at", "association_id", "quarantined", "lossy",
+                    "file_missing_at")
 #: The columns of a study and of a series row created by their first instance.
 _STUDY_VALUES = ("study_instance_uid", "patient_id", "issuer_of_patient_id", "accession_number", "study_date",
                  "first_received_at", "last_received_at", "needs_run")
@@ -274,7 +306,8 @@ class Recorder:
         self._study_ids: dict[str, int] = {}
         self._series_ids: dict[str, int] = {}
         engine = self.engine
-        self._prior = DriverStatement(engine, select(Instance.sha256, Instance.quarantined, Instance.id).where(
+        self._prior = DriverStatement(engine, select(
+            Instance.sha256, Instance.quarantined, Instance.id, Instance.file_missing_at).where(
             Instance.sop_instance_uid == bindparam("uid")))
         self._find_study = DriverStatement(engine, select(Study.id).where(
             Study.study_instance_uid == bindparam("uid")))
@@ -298,10 +331,10 @@ class Recorder:
             last_received_at=bindparam("now"), needs_run=True, called_ae_title=bindparam("called")))
 
     def prior(self, sop_instance_uid: str) -> Prior | None:
-        """The stored digest and quarantine flag of *sop_instance_uid*, if any."""
+        """The stored digest, quarantine and missing-file flags of *sop_instance_uid*, if any."""
         with driver_transaction(self.engine) as cursor:
             row = self._prior.execute(cursor, {"uid": sop_instance_uid}).fetchone()
-        return None if row is None else Prior(row[0], bool(row[1]), int(row[2]))
+        return None if row is None else Prior(row[0], bool(row[1]), int(row[2]), row[3] is not None)
 
     def _id(self, cursor: Any, find: DriverStatement, add: DriverStatement, uid: str,
             values: dict[str, object]) -> int:
@@ -334,7 +367,7 @@ class Recorder:
         changed: bool = True, association_id: int | None = None, called_ae_title: str | None = None,
         lossy: bool = False, prior: Prior | Literal[False] | None = None,
     ) -> None:
-        """Record a spooled instance (insert, or update a replaced/quarantined one).
+        """Record a spooled instance (insert, or update a replaced, quarantined or missing one).
 
         Parameters
         ----------
@@ -347,7 +380,7 @@ class Recorder:
             of the same bytes): the row is refreshed but the series is not
             re-opened and the study gets no new run.
         association_id : int, optional
-            The association log row (for quarantine on abort).
+            The association log row that delivered it (None: recorded at start-up from the spool).
         called_ae_title : str, optional
             Our AE title the sender called (picks the study's profile).
         lossy : bool
@@ -360,7 +393,7 @@ class Recorder:
         values = dict(
             sop_class_uid=ident.sop_class_uid, transfer_syntax_uid=ts_uid, calling_ae_title=peer.calling_ae_title[:16],
             peer_address=peer.address[:64], spool_path=str(path), size_bytes=size, sha256=digest, received_at=now,
-            association_id=association_id, quarantined=False, lossy=lossy,
+            association_id=association_id, quarantined=False, lossy=lossy, file_missing_at=None,
         )
         with self._lock:
             try:

@@ -37,7 +37,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
 
-from dicom_node.edge_header import KNOWN_VRS, TEXT_VRS, scan_elements
+from dicom_node.edge_header import KNOWN_VRS, TEXT_VRS, US_TAGS, TruncatedDataSetError, check_extent, scan_elements
 from dicom_node.statuses import StoreStatus
 from pipeline.errors import InvalidInstanceError
 from structured_reports.charset import report_character_set
@@ -112,7 +112,7 @@ _SPECIFIC_CHARACTER_SET = 0x00080005
 _SCANNED = frozenset(int(Tag(keyword)) for keyword in (
     *(keyword for keyword, _, _ in _COPIED), "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID",
     "StudyInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "LossyImageCompression",
-    "SpecificCharacterSet"))
+    "SpecificCharacterSet", "NumberOfFrames")) | US_TAGS
 #: VRs whose values are decoded with the data set's character set (the others are plain ASCII).
 _CHARSET_KINDS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
 
@@ -263,6 +263,59 @@ def check_inflated_size(raw: bytes, limit: int = MAX_INFLATED_BYTES) -> None:
         chunk = inflater.unconsumed_tail
 
 
+_PIXEL_US = (("SamplesPerPixel", 1), ("Rows", 0), ("Columns", 0), ("BitsAllocated", 16))
+
+
+def check_pixel_size(values: Mapping[str, int], limit: int) -> None:
+    """Refuse an instance whose decoded pixel data would exceed *limit* bytes.
+
+    Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated / 8, from
+    the header: a few kilobytes of JPEG-LS can declare gigabytes, which a
+    decoder would allocate.
+
+    Raises
+    ------
+    RejectedInstance
+        With Out of Resources, naming the size and the setting.
+    """
+    size = values["Rows"] * values["Columns"] * values["NumberOfFrames"] * values["SamplesPerPixel"]
+    size = (size * values["BitsAllocated"] + 7) // 8
+    if size > limit:
+        raise RejectedInstance(StoreStatus.OUT_OF_RESOURCES,
+                               f"pixel data decodes to {size // (1024 * 1024)} MiB, "
+                               f"over storage.max_pixel_bytes ({limit // (1024 * 1024)} MiB)")
+
+
+def _pixel_values(source: Dataset | Mapping[int, bytes], header: Header | None) -> dict[str, int]:
+    """The image size attributes of a data set (absent: 1 frame, 1 sample, 16 bits, 0 rows)."""
+    values: dict[str, int] = {}
+    try:
+        for keyword, default in _PIXEL_US:
+            if isinstance(source, Dataset):
+                value = source.get(keyword)
+                values[keyword] = default if value is None or value == "" else int(value)
+            else:
+                raw = source.get(_tag(keyword))
+                if raw is not None and len(raw) not in (0, 2):
+                    raise ValueError("not a single US value")
+                values[keyword] = int.from_bytes(raw, "little") if raw else default
+        if isinstance(source, Dataset):
+            frames = source.get("NumberOfFrames")
+            values["NumberOfFrames"] = int(frames) if frames not in (None, "") else 1
+        else:
+            assert header is not None
+            text = header.text("NumberOfFrames", "IS")
+            values["NumberOfFrames"] = int(text) if text else 1
+    except RejectedInstance:
+        raise
+    except Exception as exc:  # untrusted bytes
+        raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND,
+                               f"image size attributes cannot be decoded ({type(exc).__name__})") from exc
+    if min(values.values()) < 0:
+        raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, "NumberOfFrames is negative")
+    return values
+
+
 def decode_dataset(raw: bytes, transfer_syntax_uid: str) -> Dataset:
     """The received data set, parsed lazily (values decode on access; pixel data stays encoded).
 
@@ -296,7 +349,8 @@ def identify(ds: Dataset, context_sop_class: str) -> InstanceIdentity:
     return _identify(Header(ds), context_sop_class)
 
 
-def read_identity(raw: bytes, transfer_syntax_uid: str, context_sop_class: str) -> tuple[InstanceIdentity, bool]:
+def read_identity(raw: bytes, transfer_syntax_uid: str, context_sop_class: str,
+                  max_pixel_bytes: int | None = None) -> tuple[InstanceIdentity, bool]:
     """:func:`identify` and :func:`is_lossy` of an encoded data set, read in one pass when possible.
 
     Little-endian data sets are scanned by :func:`~dicom_node.edge_header.scan_elements`;
@@ -306,20 +360,39 @@ def read_identity(raw: bytes, transfer_syntax_uid: str, context_sop_class: str) 
     Raises
     ------
     RejectedInstance
-        As :func:`identify`.
+        As :func:`identify`; Cannot Understand for a truncated data set (an
+        element, item or sequence whose length runs past its end), which
+        pydicom would read without a word; Out of Resources when the pixel data
+        would decode to more than *max_pixel_bytes* (:func:`check_pixel_size`).
     """
     syntax = UID(transfer_syntax_uid)
     values = None
-    if syntax == DeflatedExplicitVRLittleEndian:
-        values = scan_elements(zlib.decompress(raw, -zlib.MAX_WBITS), True, _SCANNED)
-    elif syntax.is_little_endian:
-        values = scan_elements(raw, not syntax.is_implicit_VR, _SCANNED)
+    try:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            inflated = zlib.decompress(raw, -zlib.MAX_WBITS)
+            values = scan_elements(inflated, True, _SCANNED)
+            if values is None:
+                check_extent(inflated, True)
+        elif syntax.is_little_endian:
+            values = scan_elements(raw, not syntax.is_implicit_VR, _SCANNED)
+            if values is None:
+                check_extent(raw, not syntax.is_implicit_VR)
+        else:
+            check_extent(raw, not syntax.is_implicit_VR, little_endian=False)
+    except TruncatedDataSetError as exc:
+        raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, f"truncated data set: {exc}") from exc
     if values is None:
         ds = decode_dataset(raw, transfer_syntax_uid)
-        return identify(ds, context_sop_class), is_lossy(ds, transfer_syntax_uid)
+        ident = identify(ds, context_sop_class)
+        if max_pixel_bytes is not None:
+            check_pixel_size(_pixel_values(ds, None), max_pixel_bytes)
+        return ident, is_lossy(ds, transfer_syntax_uid)
     header = Header(values)
     lossy = transfer_syntax_uid in _ALWAYS_LOSSY or header.text("LossyImageCompression", "CS") == "01"
-    return _identify(header, context_sop_class), lossy
+    ident = _identify(header, context_sop_class)
+    if max_pixel_bytes is not None:
+        check_pixel_size(_pixel_values(values, header), max_pixel_bytes)
+    return ident, lossy
 
 
 def _identify(header: Header, context_sop_class: str) -> InstanceIdentity:

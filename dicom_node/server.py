@@ -7,8 +7,9 @@ dataset is written to the spool, recorded, then answered.
 Associations are checked at request time (:mod:`dicom_node.edge_access`):
 calling AE title (optionally pinned to a host), called AE title (the node's or
 a profile's), free disk above ``storage.free_space_reserve_mb``; pynetdicom
-enforces ``network.max_associations``.  Every association is logged; one that
-ends without A-RELEASE has its instances quarantined (:mod:`dicom_node.edge_assoc`).
+enforces ``network.max_associations``.  Every association is logged
+(:mod:`dicom_node.edge_assoc`); an instance answered Success is stored, however
+the association ends afterwards (released, aborted, dropped, or the node stopping).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from dicom_node import edge_fastpath
 from dicom_node.edge_access import AccessPolicy
 from dicom_node.edge_assoc import AssociationInfo, AssociationJournal, Outcome
 from dicom_node.edge_dimse import StoreRequest
+from dicom_node.edge_listener import start_listener
 from dicom_node.ingest import Duplicate, Peer, Recorder, Spool, duplicate_decision, part10_header, transfer_syntaxes
 from dicom_node.ingest_identity import RejectedInstance, check_inflated_size, read_identity
 from dicom_node.settings import Settings
@@ -62,6 +65,8 @@ class _AssocState:
     refused: int = 0
     finished: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Accepted presentation context ID -> abstract syntax (filled on the first C-STORE).
+    contexts: dict[int, str] | None = None
 
 
 class StorageServer:
@@ -88,7 +93,7 @@ class StorageServer:
         self.policy = AccessPolicy.from_settings(settings)
         self.spool = spool
         self.recorder = recorder
-        self.journal = AssociationJournal(recorder.sessions, spool)
+        self.journal = AssociationJournal(recorder.sessions)
         self.reserve_bytes = settings.storage.free_space_reserve_mb * 1024 * 1024
         self.ssl_context = server_context(net.tls) if net.tls.enabled else None
         self.ae = AE(ae_title=net.ae_title)
@@ -107,6 +112,8 @@ class StorageServer:
         self._server: ThreadedAssociationServer | None = None
         self._assocs: dict[int, _AssocState] = {}
         self._assocs_lock = threading.Lock()
+        #: Set when :meth:`stop` aborts the associations left after the grace period.
+        self._stopping = False
 
     @property
     def port(self) -> int:
@@ -128,16 +135,36 @@ class StorageServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
         ]
-        self._server = self.ae.start_server(
-            (net.bind_address, net.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context)
+        self._server = start_listener(
+            self.ae, (net.bind_address, net.port), handlers, accept_timeout_s=net.acse_timeout_s,
+            per_peer_limit=net.max_associations_per_peer, tls_context=self.ssl_context)
         logger.info("listening as %s on %s:%d%s", ", ".join(sorted(self.policy.called)), net.bind_address,
                     self.port, " (TLS)" if self.ssl_context else "")
 
-    def stop(self) -> None:
-        """Stop accepting associations and close the listener."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Stop accepting, let the associations in flight end within *grace_s*, then abort the rest.
+
+        The listener is closed first (new connections are refused).  Open
+        associations go on storing and may release within the grace period
+        (``network.shutdown_grace_s`` when the node stops); those still open
+        then are aborted (A-ABORT) and logged as such.  Whatever was answered
+        Success is kept either way.
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + grace_s
+        while (active := [a for a in server.active_associations if a.is_alive()]) and (
+                left := deadline - time.monotonic()) > 0:
+            active[0].join(timeout=min(left, 0.1))
+        if active:
+            logger.warning("stopping: aborting %d association(s) still open after %.1f s", len(active), grace_s)
+            self._stopping = True
+        for assoc in active:
+            assoc.abort()
+        for assoc in active:
+            assoc.join(timeout=5)
         self.ae.shutdown()
 
     # ----- association life cycle ----------------------------------------
@@ -145,7 +172,8 @@ class StorageServer:
         raw = getattr(event.assoc.dul.socket, "socket", None)
         if self.settings.network.tcp_nodelay and raw is not None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        edge_fastpath.install(event.assoc, store=functools.partial(self._lean_store, event.assoc))
+        edge_fastpath.install(event.assoc, store=functools.partial(self._lean_store, event.assoc),
+                              max_dataset_bytes=self.settings.storage.max_dataset_bytes)
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
@@ -219,13 +247,14 @@ class StorageServer:
             return
         with state.lock:  # waits for a C-STORE in progress
             state.finished = True
-            quarantined = 0
+            if outcome == Outcome.ABORTED:
+                if self._stopping:
+                    reason = "aborted by the node stopping (network.shutdown_grace_s)"
+                # Every instance answered Success is stored (PS3.4): an abort keeps them all.
+                reason = f"{reason}: {state.stored} acknowledged instance(s) kept"
+                logger.warning("association %d aborted (%s)", state.log_id, reason)
             try:
-                if outcome == Outcome.ABORTED:
-                    quarantined = self.journal.quarantine(state.log_id)
-                    if quarantined:
-                        reason = f"{reason}: {quarantined} instance(s) quarantined"
-                self.journal.finish(state.log_id, outcome, reason, state.stored - quarantined, state.refused)
+                self.journal.finish(state.log_id, outcome, reason, state.stored, state.refused)
             except SQLAlchemyError as exc:
                 logger.error("association log %d not finished (%s)", state.log_id, type(exc).__name__)
 
@@ -238,16 +267,17 @@ class StorageServer:
         request = event.request
         status, _ = self._serve_store(event.assoc, str(request.AffectedSOPClassUID),
                                       str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
-                                      request.DataSet.getvalue())
+                                      request.DataSet.getvalue(), int(event.context.context_id))
         return status
 
     def _lean_store(self, assoc: Any, request: StoreRequest, ts_uid: str) -> tuple[int, str | None]:
         """The lean C-STORE path's service (:mod:`dicom_node.edge_dimse`)."""
+        raw = b"" if request.oversize else request.dataset_bytes()
         return self._serve_store(assoc, request.sop_class_uid, request.sop_instance_uid, ts_uid,
-                                 request.dataset_bytes())
+                                 raw, request.context_id, request.size)
 
     def _serve_store(self, assoc: Any, sop_class: str, sop_instance: str, ts_uid: str,
-                     raw: bytes) -> tuple[int, str | None]:
+                     raw: bytes, context_id: int, size: int | None = None) -> tuple[int, str | None]:
         """Store one instance of *assoc*; returns the status and, on failure, the error comment."""
         with self._assocs_lock:
             state = self._assocs.get(id(assoc))
@@ -256,7 +286,24 @@ class StorageServer:
         with state.lock:
             if state.finished:
                 return int(StoreStatus.PROCESSING_FAILURE), "association already ended"
-            status, comment = self._store(sop_class, sop_instance, ts_uid, raw, state)
+            if state.contexts is None:
+                state.contexts = {int(cx.context_id): str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            abstract = state.contexts.get(context_id)
+            if abstract != sop_class:
+                # PS3.7 9.1.1.1.1 and 7.1.1: the Affected SOP Class must be the context's abstract syntax
+                status, comment = self._refuse(
+                    state, sop_class, sop_instance,
+                    RejectedInstance(StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED,
+                                     f"SOP class not of presentation context {context_id} "
+                                     f"(negotiated: {abstract or 'none'}, sent: {sop_class})"))
+            elif (size or len(raw)) > self.settings.storage.max_dataset_bytes:
+                status, comment = self._refuse(
+                    state, sop_class, sop_instance,
+                    RejectedInstance(StoreStatus.OUT_OF_RESOURCES,
+                                     f"data set over storage.max_dataset_bytes "
+                                     f"({self.settings.storage.max_dataset_bytes // (1024 * 1024)} MiB)"))
+            else:
+                status, comment = self._store(sop_class, sop_instance, ts_uid, raw, state)
             if status == StoreStatus.SUCCESS:
                 state.stored += 1
             else:
@@ -269,8 +316,8 @@ class StorageServer:
         try:
             try:
                 if ts_uid == DeflatedExplicitVRLittleEndian:
-                    check_inflated_size(raw)
-                ident, lossy = read_identity(raw, ts_uid, sop_class)
+                    check_inflated_size(raw, storage.max_inflated_bytes)
+                ident, lossy = read_identity(raw, ts_uid, sop_class, storage.max_pixel_bytes)
             except RejectedInstance:
                 raise
             except Exception as exc:
@@ -315,15 +362,20 @@ class StorageServer:
                 logger.error("database unavailable while recording %s: %s", sop_instance, type(exc).__name__)
                 return StoreStatus.OUT_OF_RESOURCES, "database unavailable"
         except RejectedInstance as exc:
-            logger.warning(
-                "refused SOP instance %s from %s: %s (status 0x%04X)",
-                sop_instance, state.peer.calling_ae_title, exc.reason, exc.status,
-            )
-            try:
-                self.recorder.record_rejection(state.peer, exc.status, exc.reason, sop_class, sop_instance)
-            except SQLAlchemyError as db_exc:
-                logger.error("rejection of %s not recorded (%s)", sop_instance, type(db_exc).__name__)
-            return exc.status, exc.reason
+            return self._refuse(state, sop_class, sop_instance, exc)
         logger.debug("stored %s (series %s)%s", ident.sop_instance_uid, ident.series_instance_uid,
                      " (replaced)" if decision is Duplicate.REPLACE else "")
         return StoreStatus.SUCCESS, None
+
+    def _refuse(self, state: _AssocState, sop_class: str, sop_instance: str,
+                exc: RejectedInstance) -> tuple[StoreStatus, str | None]:
+        """Log and record a refused instance; returns its status and reason."""
+        logger.warning(
+            "refused SOP instance %s from %s: %s (status 0x%04X)",
+            sop_instance, state.peer.calling_ae_title, exc.reason, exc.status,
+        )
+        try:
+            self.recorder.record_rejection(state.peer, exc.status, exc.reason, sop_class, sop_instance)
+        except SQLAlchemyError as db_exc:
+            logger.error("rejection of %s not recorded (%s)", sop_instance, type(db_exc).__name__)
+        return exc.status, exc.reason

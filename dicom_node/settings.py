@@ -73,9 +73,12 @@ class NetworkSettings(_Section):
     port: int = Field(11112, ge=0, le=65535)
     allowed_calling_ae_titles: tuple[str, ...] = ()
     max_associations: int = Field(10, ge=1)
+    max_associations_per_peer: int = Field(8, ge=1)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
+    #: On SIGTERM: how long associations in flight may go on before they are aborted.
+    shutdown_grace_s: float = Field(10.0, ge=0)
     tcp_nodelay: bool = True
     tls: TLSSettings = TLSSettings()
     profiles: tuple[Profile, ...] = ()
@@ -117,6 +120,9 @@ class StorageSettings(_Section):
     free_space_reserve_mb: int = Field(1024, ge=0)
     duplicate_policy: Literal["ignore_identical", "replace", "reject"] = "ignore_identical"
     accept_lossy: bool = True
+    max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_pixel_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_inflated_bytes: int = Field(256 * 1024 * 1024, ge=1024)
 
 
 class DatabaseSettings(_Section):
@@ -251,7 +257,7 @@ class Settings(_Section):
 
     @property
     def quarantine_dir(self) -> Path:
-        """Instances of aborted associations, kept but not processed."""
+        """Spool files that start-up reconciliation could not record, set aside (kept, not processed)."""
         return self._under_data(self.storage.quarantine_dir)
 
     @property

@@ -124,6 +124,54 @@ def test_error_columns_migrate_down_and_up_on_postgres(postgres_schema: Engine) 
     _error_columns_down_and_up(postgres_schema)
 
 
+def _file_missing_down_and_up(engine: Engine) -> None:
+    """0004: instances.file_missing_at; 0003 drops it keeping the rows; head adds it back, empty."""
+    from dicom_node.db.models import Instance, Series
+
+    def columns() -> set[str]:
+        return {c["name"] for c in inspect(engine).get_columns("instances")}
+
+    cfg = alembic_config(str(engine.url))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    with Session(engine) as session, session.begin():
+        study = Study(study_instance_uid="1.2.3", first_received_at=now, last_received_at=now, needs_run=False)
+        session.add(study)
+        session.flush()
+        series = Series(series_instance_uid="1.2.3.4", study_id=study.id, first_received_at=now,
+                        last_received_at=now)
+        session.add(series)
+        session.flush()
+        session.add(Instance(sop_instance_uid="1.2.3.4.5", sop_class_uid="1.2", series_id=series.id,
+                             transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae_title="S", peer_address="x",
+                             spool_path="/spool/a.dcm", size_bytes=1, sha256="0" * 64, received_at=now,
+                             file_missing_at=now))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+    assert "file_missing_at" not in columns()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    with Session(engine) as session:
+        row = session.scalars(select(Instance)).one()
+        assert (row.sop_instance_uid, row.file_missing_at) == ("1.2.3.4.5", None)
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.check(cfg)
+
+
+def test_file_missing_column_migrates_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    _file_missing_down_and_up(make_engine(f"sqlite:///{tmp_path / 'missing.sqlite3'}"))
+
+
+@pytest.mark.postgres
+def test_file_missing_column_migrates_down_and_up_on_postgres(postgres_schema: Engine) -> None:
+    _file_missing_down_and_up(postgres_schema)
+
+
 def test_check_detects_a_model_without_migration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sqlalchemy import Column, Integer, Table
 

@@ -25,7 +25,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.edge_header import scan_elements
+from dicom_node.edge_header import TruncatedDataSetError, check_extent, scan_elements
 from dicom_node.ingest_identity import RejectedInstance, decode_dataset, identify, is_lossy, read_identity
 
 WANTED = frozenset(int(Tag(k)) for k in ("SpecificCharacterSet", "PatientName", "PatientID", "StudyInstanceUID",
@@ -99,11 +99,30 @@ def test_undefined_length_sequences_are_walked(implicit: bool) -> None:
 
 
 @pytest.mark.parametrize("cut", [1, 7, 30, 200])
-def test_truncated_or_overlong_data_sets_fall_back(cut: int) -> None:
+def test_truncated_or_overlong_data_sets_are_refused(cut: int) -> None:
+    """pydicom reads a truncated value without a word: the scan refuses it, naming the element."""
     path = get_testdata_file("MR_small.dcm", download=False)
     raw, explicit = _body(str(path))
-    assert scan_elements(raw[:-cut], explicit, WANTED) is None
-    assert scan_elements(raw + b"\x00" * 3, explicit, WANTED) is None
+    # MR_small.dcm ends with (FFFC,FFFC) Data Set Trailing Padding, after its pixel data
+    with pytest.raises(TruncatedDataSetError, match=r"element \((7FE0,0010|FFFC,FFFC)\) runs past the end"):
+        scan_elements(raw[:-cut], explicit, WANTED)
+    with pytest.raises(TruncatedDataSetError, match="element header"):
+        scan_elements(raw + b"\x00" * 3, explicit, WANTED)
+    with pytest.raises(RejectedInstance, match=r"truncated data set: value length of element"):
+        read_identity(raw[:-cut], ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian, MRImageStorage)
+
+
+def test_truncated_big_endian_and_undefined_length_values_are_refused() -> None:
+    path = get_testdata_file("MR_small_bigendian.dcm", download=False)
+    assert path is not None
+    raw, _ = _body(str(path))
+    check_extent(raw, True, little_endian=False)
+    with pytest.raises(RejectedInstance, match=r"truncated data set: .*\(7FE0,0010\)"):
+        read_identity(raw[:-50], ExplicitVRBigEndian, MRImageStorage)
+    jpeg = get_testdata_file("JPEG2000.dcm", download=False)
+    encapsulated, explicit = _body(str(jpeg))
+    with pytest.raises(TruncatedDataSetError, match="7FE0,0010"):  # no sequence delimiter / item cut
+        scan_elements(encapsulated[:-20], explicit, WANTED)
 
 
 def _mr(**values: object) -> Dataset:

@@ -1,4 +1,4 @@
-"""The edge's ingest against real peers: allow-list, profiles, limits, quarantine, duplicates, concurrency.
+"""The edge's ingest against real peers: allow-list, profiles, limits, aborts, duplicates, concurrency.
 
 Also holds the helpers the other ``test_edge_*`` modules share (:func:`mr_series`,
 :func:`edge_server`, :func:`storescu`) and the check that no test patient's
@@ -8,6 +8,7 @@ name or ID reaches the logs.
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -184,7 +185,14 @@ def test_association_limit_and_free_disk_reserve(tmp_path: Path) -> None:
     assert not any(server.spool.root.rglob(f"{dcmread(files[1]).SOPInstanceUID}.dcm"))
 
 
-def test_aborted_association_is_quarantined_and_a_resend_restores_it(tmp_path: Path) -> None:
+def _kept(server: StorageServer) -> tuple[list[Instance], Series, Study]:
+    with server.recorder.sessions() as session:
+        return (list(session.scalars(select(Instance)).all()), session.scalars(select(Series)).one(),
+                session.scalars(select(Study)).one())
+
+
+def test_aborted_association_keeps_its_acknowledged_instances(tmp_path: Path) -> None:
+    """PS3.4: Success means stored.  An abort after two C-STOREs keeps both; a re-send completes the series."""
     files = mr_series(tmp_path / "s", 2, 4)
     with edge_server(make_settings(tmp_path)) as server:
         ae = AE(ae_title="SCANNER")
@@ -194,23 +202,66 @@ def test_aborted_association_is_quarantined_and_a_resend_restores_it(tmp_path: P
             assert assoc.send_c_store(dcmread(path)).Status == StoreStatus.SUCCESS
         assoc.abort()
         [row] = ended(server, 1)
-        with server.recorder.sessions() as session:
-            instances = session.scalars(select(Instance)).all()
-            series = session.scalars(select(Series)).one()
-            study = session.scalars(select(Study)).one()
-        assert row.outcome == "aborted" and "2 instance(s) quarantined" in (row.reason or "")
-        assert all(i.quarantined for i in instances) and len(instances) == 2
-        assert all(Path(i.spool_path).is_relative_to(server.spool.quarantine) for i in instances)
-        assert all(Path(i.spool_path).exists() for i in instances)
-        assert not list(server.spool.root.rglob("*.dcm"))
-        assert series.instance_count == 0 and not study.needs_run
-        complete_quiet_series(server.recorder.sessions, 0)
-        assert create_runs(server.recorder.sessions) == []     # nothing kept: no run
+        instances, series, study = _kept(server)
+        assert row.outcome == "aborted" and row.instances_stored == 2
+        assert "2 acknowledged instance(s) kept" in (row.reason or "")
+        assert len(instances) == 2 and not any(i.quarantined for i in instances)
+        assert all(Path(i.spool_path).is_relative_to(server.spool.root) and Path(i.spool_path).exists()
+                   for i in instances)
+        assert not server.spool.quarantine.exists() or not list(server.spool.quarantine.rglob("*.dcm"))
+        assert series.instance_count == 2 and study.needs_run
         result = storescu(server.port, files)                  # the scanner sends the series again
         assert result.returncode == 0, result.stderr
+        complete_quiet_series(server.recorder.sessions, 0)
+        [run_id] = create_runs(server.recorder.sessions)
+        instances, series, _ = _kept(server)
         with server.recorder.sessions() as session:
-            kept = session.scalars(select(Instance).where(Instance.quarantined.is_(False))).all()
-            assert len(kept) == 4 and session.scalars(select(Series)).one().instance_count == 4
+            run = session.get(Run, run_id)
+    assert len(instances) == 4 and series.instance_count == 4 and series.state == "complete"
+    assert run is not None and run.outcome is None
+
+
+def test_storescu_abort_keeps_the_whole_series_and_it_is_processed(tmp_path: Path) -> None:
+    """DCMTK's storescu ``--abort``: every instance acknowledged, then A-ABORT; the series is complete."""
+    files = mr_series(tmp_path / "s", 4, 5)
+    with edge_server(make_settings(tmp_path)) as server:
+        result = storescu(server.port, files, extra=("--abort",))
+        assert result.returncode == 0, result.stderr
+        [row] = ended(server, 1)
+        assert complete_quiet_series(server.recorder.sessions, 0) == 1
+        [run_id] = create_runs(server.recorder.sessions)
+        instances, series, _ = _kept(server)
+        with server.recorder.sessions() as session:
+            run = session.get(Run, run_id)
+    assert row.outcome == "aborted" and row.instances_stored == 5
+    assert len(instances) == 5 and not any(i.quarantined for i in instances)
+    assert series.state == "complete" and run is not None and run.outcome is None
+
+
+def test_release_request_then_close_keeps_every_instance(tmp_path: Path) -> None:
+    """A peer that sends A-RELEASE-RQ and closes the socket without waiting for the A-RELEASE-RP."""
+    files = mr_series(tmp_path / "s", 5, 6)
+    with edge_server(make_settings(tmp_path)) as server:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
+        for path in files:
+            assert assoc.send_c_store(dcmread(path)).Status == StoreStatus.SUCCESS
+        raw = assoc.dul.socket.socket
+        raw.sendall(bytes.fromhex("05 00 00000004 00000000"))  # A-RELEASE-RQ, then gone
+        raw.shutdown(socket.SHUT_RDWR)
+        raw.close()
+        wait_for(lambda: not assoc.is_alive(), 20, "the requestor's reactor to stop")
+        [row] = ended(server, 1)
+        assert complete_quiet_series(server.recorder.sessions, 0) == 1
+        [run_id] = create_runs(server.recorder.sessions)
+        instances, series, _ = _kept(server)
+        with server.recorder.sessions() as session:
+            run = session.get(Run, run_id)
+    assert row.outcome in ("released", "aborted") and row.instances_stored == 6
+    assert len(instances) == 6 and not any(i.quarantined for i in instances)
+    assert series.state == "complete" and series.instance_count == 6
+    assert run is not None and run.outcome is None
 
 
 @pytest.mark.parametrize("policy", ["reject", "replace", "ignore_identical"])

@@ -133,8 +133,11 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"), index=True)
+    #: Set only by earlier versions, which quarantined aborted associations; restored at start-up.
     quarantined: Mapped[bool] = mapped_column(default=False)
     lossy: Mapped[bool] = mapped_column(default=False)
+    #: When start-up found the spooled file gone (acknowledged but lost); cleared when it is received again.
+    file_missing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
