@@ -1,24 +1,31 @@
-"""Ingest throughput: the node's Storage SCP versus DCMTK's storescp, same run.
+"""Ingest throughput: the node's two DIMSE paths and DCMTK's storescp, same run.
 
 Run ``make bench-ingest`` (``python -m benchmarks.bench_ingest``).  A 500-instance
 MR series (256x256, 16-bit, explicit VR little endian) is written once, then
 sent with DCMTK's ``storescu`` over one association, with ``TCP_NODELAY=1`` in
 the environment of both DCMTK tools (DCMTK sets TCP_NODELAY only then; the node
-sets it itself, ``network.tcp_nodelay``):
+sets it itself, ``network.tcp_nodelay``), in ``--repeat`` interleaved rounds so
+that every receiver meets the same machine (page-cache write-back, other load).
+Each round sends the same instances to:
 
-- to DCMTK's ``storescp`` (writing files, no fsync: DCMTK never fsyncs) and to
-  the node's :class:`~dicom_node.server.StorageServer` (spool + SQLite
-  database, everything the C-STORE handler does in production) with
-  ``storage.fsync = false`` (like for like), in ``--repeat`` interleaved rounds
-  so that both meet the same machine (page-cache write-back, other load); the
-  best round of each is compared, and every round's ratio is printed;
-- to the node with the default ``storage.fsync = true``;
-- then 8 ``storescu`` senders in parallel to the node (8 series of 250).
+- DCMTK's ``storescp`` (writing files, no fsync: DCMTK never fsyncs), the reference;
+- the node's :class:`~dicom_node.server.StorageServer` (spool + SQLite database,
+  everything the C-STORE handler does in production) on each DIMSE path
+  (``network.dimse_path``): ``lean`` (the node parses P-DATA itself) and
+  ``public`` (pynetdicom's public API: ``EVT_C_STORE`` with
+  ``STORE_RECV_CHUNKED_DATASET``, the data set streamed to a file, not
+  decoded), each with ``storage.fsync = true`` (the default) and ``false``.
+  The order of the four node runs turns from round to round.
 
-Prints instances per second, ``ratio: X`` (node without fsync / storescp, the
-like-for-like figure), ``ratio_fsync: X`` (durable default / storescp), and,
-with ``--profile``, where the handler's time goes.  DCMTK's tools are called by
-full path (pynetdicom installs its own ``storescu``/``storescp`` scripts).
+Then 8 ``storescu`` senders in parallel to the node (lean path, fsync on; ``--senders 0`` skips it).
+
+Prints instances per second (the best round of each receiver, and every round),
+``ratio: X`` (lean, no fsync / storescp, the like-for-like figure),
+``ratio_fsync: X`` (lean, durable default / storescp), ``lean/public`` with fsync
+on and off, and the decision on the lean path: it is kept only if it is at least
+:data:`KEEP_RATIO` times as fast as the public path with the default settings
+(fsync on).  With ``--profile``, where the handler's time goes.  DCMTK's tools
+are called by full path (pynetdicom installs its own ``storescu``/``storescp`` scripts).
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ from dicom_node.settings import load_settings
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: The lean DIMSE path stays only if lean/public (fsync on, the default) is at least this.
+KEEP_RATIO = 1.5
+#: The node's configurations, as (DIMSE path, storage.fsync).
+NODE_RUNS = (("lean", True), ("public", True), ("lean", False), ("public", False))
 
 
 def write_series(out: Path, count: int, size: int = 256) -> list[Path]:
@@ -112,12 +123,12 @@ def _accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_node(work: Path, fsync: bool) -> StorageServer:
-    """The node's Storage SCP on a free port, SQLite database under *work*."""
+def start_node(work: Path, fsync: bool, path: str = "lean") -> StorageServer:
+    """The node's Storage SCP (DIMSE path *path*) on a free port, SQLite database under *work*."""
     settings = load_settings(environ={}, overrides={
         "storage.data_dir": str(work), "network.port": 0, "network.allowed_calling_ae_titles": ["BENCH"],
         "storage.fsync": fsync, "storage.free_space_reserve_mb": 0, "network.max_associations": 16,
-        "destinations": [],
+        "network.dimse_path": path, "destinations": [],
     })
     db = open_database(settings.database_url)
     server = StorageServer(settings, Spool.from_settings(settings), Recorder(db.sessions))
@@ -129,7 +140,7 @@ def start_node(work: Path, fsync: bool) -> StorageServer:
             checkpoint(db.engine)
 
     threading.Thread(target=checkpoints, daemon=True).start()
-    server.stop = _chain(server.stop, stop.set)  # type: ignore[method-assign]
+    server.stop = _chain(server.stop, stop.set)  # type: ignore[method-assign,assignment]
     return server
 
 
@@ -140,9 +151,10 @@ def _chain(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], 
     return both
 
 
-def bench_node(files: list[Path], work: Path, fsync: bool, profile: bool = False) -> tuple[float, str]:
+def bench_node(files: list[Path], work: Path, fsync: bool, profile: bool = False,
+               path: str = "lean") -> tuple[float, str]:
     """Instances per second into the node over one association (and a profile of the handler)."""
-    server = start_node(work, fsync)
+    server = start_node(work, fsync, path)
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         inner = server._store
@@ -180,40 +192,73 @@ def bench_parallel(batches: list[list[Path]], work: Path, fsync: bool) -> float:
     return sum(len(b) for b in batches) / seconds
 
 
+def _label(path: str, fsync: bool) -> str:
+    return f"{path}, storage.fsync={'true' if fsync else 'false'}"
+
+
+def _rounds(rates: list[float]) -> str:
+    return ", ".join(f"{r:.0f}" for r in rates)
+
+
+def decision(lean_fsync: float, public_fsync: float) -> str:
+    """The verdict on the lean DIMSE path from the best rates with fsync on (the default)."""
+    ratio = lean_fsync / public_fsync
+    if ratio >= KEEP_RATIO:
+        return f"decision: keep the lean path (lean/public = {ratio:.2f} >= {KEEP_RATIO} with fsync on)"
+    return f"decision: the lean path does not earn its keep ({ratio:.2f} < {KEEP_RATIO}): remove it"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500, help="instances in the series (default 500)")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="storescp/node rounds, interleaved; the best of each is compared (default 3)")
-    parser.add_argument("--senders", type=int, default=8, help="parallel senders for the second figure")
+                        help="interleaved rounds (storescp and the four node runs); the best of each is compared")
+    parser.add_argument("--senders", type=int, default=8, help="parallel senders for the last figure (0: skip it)")
     parser.add_argument("--per-sender", type=int, default=250, help="instances per parallel sender")
-    parser.add_argument("--profile", action="store_true", help="profile the C-STORE handler (node, no fsync)")
+    parser.add_argument("--profile", action="store_true", help="profile the C-STORE handler (lean, no fsync)")
     args = parser.parse_args(argv)
     scp_rates: list[float] = []
-    node_rates: list[float] = []
+    node_rates: dict[tuple[str, bool], list[float]] = {run: [] for run in NODE_RUNS}
     report = ""
+    parallel = None
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         files = write_series(work / "series", args.count)
-        for round_ in range(args.repeat):  # interleaved, so that both see the same machine
+        for round_ in range(args.repeat):  # interleaved, so that all see the same machine
             scp_rates.append(bench_storescp(files, work / f"round{round_}"))
-            rate, report = bench_node(files, work / f"round{round_}" / "node", fsync=False,
-                                      profile=args.profile and round_ == 0)
-            node_rates.append(rate)
-        node_fsync, _ = bench_node(files, work / "node-fsync", fsync=True)
-        batches = [write_series(work / f"sender{i}", args.per_sender) for i in range(args.senders)]
-        parallel = bench_parallel(batches, work / "node-parallel", fsync=True)
-    scp, node = max(scp_rates), max(node_rates)
+            shift = round_ % len(NODE_RUNS)  # no configuration always runs first (or right after storescp)
+            for path, fsync in NODE_RUNS[shift:] + NODE_RUNS[:shift]:
+                profile = args.profile and round_ == 0 and path == "lean" and not fsync
+                rate, text = bench_node(files, work / f"round{round_}" / f"node-{path}-{int(fsync)}", fsync=fsync,
+                                        profile=profile, path=path)
+                node_rates[(path, fsync)].append(rate)
+                report = text or report
+        if args.senders > 0:
+            batches = [write_series(work / f"sender{i}", args.per_sender) for i in range(args.senders)]
+            parallel = bench_parallel(batches, work / "node-parallel", fsync=True)
+    scp = max(scp_rates)
+    best = {run: max(rates) for run, rates in node_rates.items()}
     print(f"instances: {args.count} (256x256, 16-bit MR), one association, TCP_NODELAY on, "
           f"{args.repeat} interleaved rounds (best of each)")
-    print(f"storescp: {scp:.0f} instances/s  (rounds: {', '.join(f'{r:.0f}' for r in scp_rates)})")
-    print(f"node (storage.fsync=false): {node:.0f} instances/s  (rounds: {', '.join(f'{r:.0f}' for r in node_rates)})")
-    print(f"node (storage.fsync=true, default): {node_fsync:.0f} instances/s")
-    print(f"node, {args.senders} parallel senders x {args.per_sender} (fsync=true): {parallel:.0f} instances/s")
-    print(f"ratio_rounds: {', '.join(f'{n / s:.2f}' for n, s in zip(node_rates, scp_rates, strict=True))}")
-    print(f"ratio_fsync: {node_fsync / scp:.2f}")
-    print(f"ratio: {node / scp:.2f}")
+    print(f"storescp: {scp:.0f} instances/s  (rounds: {_rounds(scp_rates)})")
+    for run in NODE_RUNS:
+        print(f"node ({_label(*run)}): {best[run]:.0f} instances/s  (rounds: {_rounds(node_rates[run])})")
+    if parallel is not None:
+        print(f"node, {args.senders} parallel senders x {args.per_sender} (lean, fsync=true): "
+              f"{parallel:.0f} instances/s")
+    lean_nofsync = node_rates[("lean", False)]
+    print(f"ratio_rounds: {', '.join(f'{n / s:.2f}' for n, s in zip(lean_nofsync, scp_rates, strict=True))}")
+    print(f"ratio_fsync: {best[('lean', True)] / scp:.2f}")
+    print(f"ratio: {best[('lean', False)] / scp:.2f}")
+    print(f"ratio_public_fsync: {best[('public', True)] / scp:.2f}")
+    print(f"ratio_public: {best[('public', False)] / scp:.2f}")
+    for fsync in (True, False):
+        per_round = ", ".join(f"{a / b:.2f}" for a, b in
+                              zip(node_rates[("lean", fsync)], node_rates[("public", fsync)], strict=True))
+        print(f"lean/public (storage.fsync={'true' if fsync else 'false'}): "
+              f"{best[('lean', fsync)] / best[('public', fsync)]:.2f}  (rounds: {per_round})")
+    print(decision(best[("lean", True)], best[("public", True)]))
     if report:
         print(report)
     return 0

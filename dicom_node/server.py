@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -45,6 +46,54 @@ logger = logging.getLogger(__name__)
 
 #: Largest P-DATA PDU we accept; big PDUs mean fewer round trips through pynetdicom's reactor.
 MAX_PDU = 1_048_576
+
+#: (0002,0000) File Meta Information Group Length, explicit VR little endian, as the first element after "DICM".
+_GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
+#: Preamble, "DICM" and the group length element: where the rest of the file meta starts.
+_META_START = 128 + 4 + 12
+
+_chunked_lock = threading.Lock()
+_chunked_users = 0
+_chunked_before = False
+
+
+def _chunked_receive(on: bool) -> None:
+    """Turn pynetdicom's global ``STORE_RECV_CHUNKED_DATASET`` on for a server with ``dimse_path = "public"``.
+
+    Counted: it is on while at least one such server runs in this process, then back to what it was.
+    """
+    global _chunked_users, _chunked_before
+    with _chunked_lock:
+        if on:
+            if _chunked_users == 0:
+                _chunked_before = bool(_config.STORE_RECV_CHUNKED_DATASET)
+            _chunked_users += 1
+            _config.STORE_RECV_CHUNKED_DATASET = True
+        elif _chunked_users > 0:
+            _chunked_users -= 1
+            if _chunked_users == 0:
+                _config.STORE_RECV_CHUNKED_DATASET = _chunked_before
+
+
+def read_streamed_dataset(path: Any, max_bytes: int) -> tuple[bytes, int]:
+    """The encoded data set of a file pynetdicom streamed a C-STORE to (``STORE_RECV_CHUNKED_DATASET``).
+
+    The file is pynetdicom's Part 10 file: preamble, "DICM", file meta (group
+    length first), then the data set exactly as received.  Returns the data set
+    bytes and their size; a data set over *max_bytes* is not read (empty bytes, its size).
+    """
+    with open(path, "rb") as stream:
+        head = stream.read(_META_START)
+        if len(head) < _META_START or head[128:132] != b"DICM" or head[132:140] != _GROUP_LENGTH_TAG:
+            raise ValueError("not a file meta pynetdicom writes")
+        start = _META_START + int.from_bytes(head[140:144], "little")
+        size = stream.seek(0, 2) - start
+        if size < 0:
+            raise ValueError("file meta past the end of the file")
+        if size > max_bytes:
+            return b"", size
+        stream.seek(start)
+        return stream.read(), size
 
 _REJECT_REASONS: dict[tuple[Any, Any], str] = {
     (RejectSource.SERVICE_USER, RejectReason.CALLING_AE_NOT_RECOGNIZED): "calling AE title not recognised",
@@ -114,6 +163,8 @@ class StorageServer:
         self._assocs_lock = threading.Lock()
         #: Set when :meth:`stop` aborts the associations left after the grace period.
         self._stopping = False
+        #: ``network.dimse_path = "public"``: C-STOREs through pynetdicom's ``EVT_C_STORE`` only.
+        self._public = False
 
     @property
     def port(self) -> int:
@@ -135,6 +186,9 @@ class StorageServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
         ]
+        self._public = net.dimse_path == "public"
+        if self._public:
+            _chunked_receive(True)
         self._server = start_listener(
             self.ae, (net.bind_address, net.port), handlers, accept_timeout_s=net.acse_timeout_s,
             per_peer_limit=net.max_associations_per_peer, tls_context=self.ssl_context)
@@ -166,12 +220,16 @@ class StorageServer:
         for assoc in active:
             assoc.join(timeout=5)
         self.ae.shutdown()
+        if self._public:
+            _chunked_receive(False)
 
     # ----- association life cycle ----------------------------------------
     def _on_conn_open(self, event: Any) -> None:
         raw = getattr(event.assoc.dul.socket, "socket", None)
         if self.settings.network.tcp_nodelay and raw is not None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._public:
+            return  # pynetdicom's own loops and EVT_C_STORE (network.dimse_path = "public")
         edge_fastpath.install(event.assoc, store=functools.partial(self._lean_store, event.assoc),
                               max_dataset_bytes=self.settings.storage.max_dataset_bytes)
 
@@ -262,13 +320,35 @@ class StorageServer:
     def _on_echo(self, event: Any) -> int:
         return int(VerificationStatus.SUCCESS)
 
-    def _on_store(self, event: Any) -> int:
-        """pynetdicom's ``EVT_C_STORE`` (associations the lean path could not take)."""
+    def _on_store(self, event: Any) -> int | Dataset:
+        """pynetdicom's ``EVT_C_STORE``: ``dimse_path = "public"``, or associations the lean path could not take.
+
+        With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom has streamed the data set
+        to a file (``event.dataset_path``): its bytes after pynetdicom's file
+        meta go through the same checks, spooling and recording as the lean path's.
+        """
         request = event.request
-        status, _ = self._serve_store(event.assoc, str(request.AffectedSOPClassUID),
-                                      str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
-                                      request.DataSet.getvalue(), int(event.context.context_id))
-        return status
+        size: int | None = None
+        try:
+            path = event.dataset_path
+        except AttributeError:
+            path = None
+        if path is not None:
+            try:
+                raw, size = read_streamed_dataset(path, self.settings.storage.max_dataset_bytes)
+            except (OSError, ValueError) as exc:
+                logger.error("streamed data set unreadable (%s)", type(exc).__name__)
+                return int(StoreStatus.OUT_OF_RESOURCES)
+        else:
+            raw = request.DataSet.getvalue()
+        status, comment = self._serve_store(event.assoc, str(request.AffectedSOPClassUID),
+                                            str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+                                            raw, int(event.context.context_id), size)
+        if comment is None:
+            return status
+        answer = Dataset()
+        answer.Status, answer.ErrorComment = status, comment[:64]
+        return answer
 
     def _lean_store(self, assoc: Any, request: StoreRequest, ts_uid: str) -> tuple[int, str | None]:
         """The lean C-STORE path's service (:mod:`dicom_node.edge_dimse`)."""
