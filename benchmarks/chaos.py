@@ -1,7 +1,8 @@
 """The full reliability and security harness: ``make chaos``.
 
 Runs, against a node in its own process: SIGKILLs at random moments while studies
-stream in (default 50), hostile input over C-STORE (default 1,000 cases), a PACS
+stream in (default 50), hostile input over C-STORE (default 1,000 cases), PDU-level
+fuzzing on raw sockets (default 1,000 cases), a PACS
 outage, a PostgreSQL outage, load from 8 senders (default 10 minutes), and a scan
 of every log for patient data. Prints a Markdown table of the figures and writes
 them to ``var/chaos/results.json``.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from dicom_node.localpacs import LocalOrthanc
 from model.inference import init_demo_model
+from tests.chaos.pdu_fuzz import pdu_fuzz
 from tests.chaos.scenarios import (
     Findings,
     crash_safety,
@@ -30,7 +32,7 @@ from tests.chaos.scenarios import (
 from tests.chaos.traffic import PHI_NAME_PREFIX
 from tests.conftest import POSTGRES_URL
 
-SCENARIOS = ("crash", "fuzz", "pacs", "db", "load")
+SCENARIOS = ("crash", "fuzz", "pdu-fuzz", "pacs", "db", "load")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--fuzz", type=int, default=1000)
+    parser.add_argument("--pdu-fuzz", type=int, default=1000, help="PDU-level fuzz cases")
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--load-seconds", type=float, default=600)
     parser.add_argument("--study-interval", type=float, default=30,
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in (
             ("crash", lambda: crash_safety(args.root, pacs, model, kills=args.kills, max_gap_s=10)),
             ("fuzz", lambda: hostile_input(args.root, pacs, model, count=args.fuzz)),
+            ("pdu-fuzz", lambda: pdu_fuzz(args.root, pacs, model, count=args.pdu_fuzz)),
             ("pacs", lambda: pacs_outage(args.root, pacs, model, down_s=30)),
             ("db", lambda: database_outage(args.root, pacs, model, postgres_url=POSTGRES_URL, down_s=20)),
             ("load", lambda: load(args.root, pacs, model, senders=args.senders, duration_s=args.load_seconds,

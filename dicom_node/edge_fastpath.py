@@ -44,6 +44,7 @@ import time
 import types
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ
 
 from dicom_node.edge_dimse import ProtocolError, StoreAssembler, StoreFunction, p_data_pdus
@@ -154,7 +155,7 @@ def _wait(dul: Any, reader: socket.socket) -> None:
 def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket, lane: _StoreLane | None) -> None:
     """pynetdicom's ``DULServiceProvider.run_reactor`` with ``select`` instead of sleeping."""
     dul._idle_timer.start()
-    idle = False
+    idle = opened = False
     try:
         while True:
             if not dul.assoc._dul_ready.is_set():
@@ -163,6 +164,10 @@ def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket, lane: _
                 _wait(dul, reader)
             if dul._kill_thread:
                 break
+            if dul.state_machine.current_state != "Sta1":
+                opened = True
+            elif opened:  # the connection ended (closed, aborted, timed out)
+                _wake_acceptor(dul)
             if dul.artim_timer.expired:
                 dul.event_queue.put("Evt18")
             try:
@@ -174,26 +179,64 @@ def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket, lane: _
                 elif dul._is_transport_event():
                     dul._idle_timer.restart()
             except Exception as exc:  # noqa: BLE001 - same recovery as pynetdicom's own reactor
-                logger.error("exception in the DUL reactor (%s); aborting the association", type(exc).__name__)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                dul.socket.send(abort_pdu.encode())
-                dul.assoc.is_aborted = True
-                dul.assoc.is_established = False
-                dul.assoc._kill = True
-                dul._kill_thread = True
+                _hard_abort(dul, exc)
                 return
             try:
                 event = dul.event_queue.get(block=False)
             except queue.Empty:
                 idle = True
                 continue
-            dul.state_machine.do_action(event)
+            try:
+                dul.state_machine.do_action(event)
+            except Exception as exc:  # noqa: BLE001 - e.g. pynetdicom's DIMSE decoding of a malformed command set
+                _hard_abort(dul, exc)
+                return
             idle = False
     finally:
+        _wake_acceptor(dul)
         reader.close()
         writer.close()
+
+
+def _hard_abort(dul: Any, exc: Exception) -> None:
+    """pynetdicom's recovery from an exception in its reactor: A-ABORT, bypassing the state machine, and stop.
+
+    pynetdicom 3.0.4 applies it to reading and sending only; an exception in a
+    state machine action (``DT_2`` decoding a command set without
+    CommandDataSetType raises AttributeError) killed its DUL thread and left the
+    association thread, its slot and the connection waiting for ever.
+    """
+    logger.error("exception in the DUL reactor (%s); aborting the association", type(exc).__name__)
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    with contextlib.suppress(Exception):  # the connection may be gone already
+        dul.socket.send(abort_pdu.encode())
+    dul.assoc.is_aborted = True
+    dul.assoc.is_established = False
+    dul.assoc._kill = True
+    dul._kill_thread = True
+    # No state-machine transition follows (no EVT_CONN_CLOSE): tell the handlers, as Association.abort() does,
+    # so that the association log row is finished.
+    evt.trigger(dul.assoc, evt.EVT_ABORTED, {})
+
+
+def _wake_acceptor(dul: Any) -> None:
+    """End the association thread's wait for an A-ASSOCIATE-RQ that can no longer come.
+
+    pynetdicom's acceptor thread waits up to the ACSE timeout for the request
+    (``receive_pdu(wait=True, timeout=acse_timeout)``) even when the connection
+    ended before one arrived (closed, aborted, an invalid PDU), and holds an
+    association slot and one of the peer's (``network.max_associations_per_peer``)
+    until then.  ``None`` is what that wait returns on timeout: the thread then
+    closes the connection and ends at once, as on a timeout.
+    """
+    assoc = dul.assoc
+    if getattr(dul, "_acceptor_woken", False) or not assoc.is_acceptor or assoc.requestor.primitive is not None:
+        return
+    if dul.to_user_queue.empty():
+        dul._acceptor_woken = True
+        dul.to_user_queue.put(None)
 
 
 class _StoreLane:

@@ -9,6 +9,7 @@ import pytest
 
 from dicom_node.localpacs import LocalOrthanc
 from model.inference import init_demo_model
+from tests.chaos.pdu_fuzz import pdu_fuzz
 from tests.chaos.scenarios import (
     crash_safety,
     database_outage,
@@ -49,6 +50,13 @@ def test_malformed_input_is_refused_or_stored_harmlessly(tmp_path: Path, pacs: L
     assert findings.ok, (findings.problems, findings.figures)
     assert findings.figures["crashes"] == 0
     assert findings.figures["good instances during fuzzing"] > 0
+
+
+def test_pdu_fuzz_keeps_the_node_serving(tmp_path: Path, pacs: LocalOrthanc, model: Path) -> None:
+    findings = pdu_fuzz(tmp_path, pacs, model, count=100, seed=4242)
+    assert findings.ok, (findings.problems, findings.figures)
+    assert findings.figures["still serving"] and findings.figures["node starts"] == 1
+    assert findings.figures["instances acknowledged"] > 0 and findings.figures["instances lost"] == 0
 
 
 def test_reports_wait_out_a_pacs_outage(tmp_path: Path, pacs: LocalOrthanc, model: Path) -> None:
