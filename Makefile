@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils openjph-tools
 
-.PHONY: setup system-deps venv parity-env demo test lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos demo-model clean
+.PHONY: setup system-deps venv parity-env demo test corpus lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos demo-model clean
 
 setup: system-deps venv
 
@@ -43,6 +43,11 @@ test: setup parity-env
 	$(BIN)/python -m pytest
 	# ViT parity with MONAI 1.3 (M3D-CLIP's encoder), in its own environment (numpy < 2)
 	.venv-parity/bin/python -m pytest -q -p no:cacheprovider --noconftest tests/test_model_parity.py
+
+# Every scanner-like study of tests/support/corpus.py at the scanners' sizes, through the node (make test sends
+# them at affordable sizes); the table goes to var/corpus-report.md and var/corpus-report.csv.
+corpus: setup
+	DICOM_NODE_CORPUS=full $(BIN)/python -m pytest -v -p no:cacheprovider tests/test_corpus.py
 
 parity-env: .venv-parity/.deps-installed
 

@@ -329,6 +329,24 @@ def _n4(image: Any, config: PreprocessConfig) -> Any:
     return image / full_field
 
 
+def _canonical(image: Any) -> Any:
+    """The image in one voxel order (RAS) with its geometry rounded (1e-4 mm, 1e-6 direction).
+
+    Converters write the same voxels in different orders and with geometry that
+    differs in the last float digits (dicom2nifti's single-frame volume and the
+    node's own multi-frame assembly, for example); one canonical form makes the
+    same pixels give the same seed and the same registration.
+    """
+    import ants
+
+    oriented = ants.reorient_image2(image, "RAS")
+    values = np.ascontiguousarray(oriented.numpy(), dtype=np.float32)
+    direction = np.round(np.asarray(oriented.direction, dtype=np.float64), 6)
+    return ants.from_numpy(values, origin=tuple(np.round(np.asarray(oriented.origin, dtype=np.float64), 4).tolist()),
+                           spacing=tuple(np.round(np.asarray(oriented.spacing, dtype=np.float64), 4).tolist()),
+                           direction=direction)
+
+
 def _input_seed(image: Any, config: PreprocessConfig) -> int:
     """A seed drawn from the input's voxels and geometry (same input, same seed)."""
     digest = hashlib.sha256()
@@ -538,6 +556,7 @@ def preprocess(nifti_path: Path, config: PreprocessConfig) -> Preprocessed:
         template = ants.image_read(str(template_path), pixeltype="float")
     except (RuntimeError, ValueError, OSError) as exc:
         raise ConfigError(f"cannot read template {template_path}: {exc}") from exc
+    image = _canonical(image)
     _check_values("reading the volume", image.numpy())
     seconds["load"] = time.perf_counter() - t0
 

@@ -12,6 +12,7 @@ import pytest
 from dicom_node.db.session import Database, open_database
 from dicom_node.localpacs import LocalOrthanc
 from dicom_node.settings import Settings, load_settings
+from model.inference import init_demo_model
 
 DCMTK = Path("/usr/bin")
 POSTGRES_URL = os.environ.get("DICOM_NODE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -61,3 +62,9 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalOrthanc]:
     pacs.start()
     yield pacs
     pacs.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained demonstration model (``dicom-node model init-demo``), written once per session."""
+    return init_demo_model(tmp_path_factory.mktemp("model") / "demo")

@@ -15,22 +15,16 @@ from dicom_node.app import Node
 from dicom_node.cli import STAGES, run_record
 from dicom_node.db.models import Run, RunState, Study
 from dicom_node.ingest import utcnow
-from dicom_node.localpacs import LocalOrthanc, wait_for
-from dicom_node.settings import Settings
-from model.inference import init_demo_model
+from dicom_node.localpacs import LocalOrthanc
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
-from tests.conftest import make_settings, require_tool
+from tests.conftest import require_tool
+from tests.support.node import dciodvfy_errors, finished_run, node_settings, received_sr, send
 
 PATIENT = StudyHeader(
     patient_name="Endtoend^Testpatient", patient_id="E2E-PID-4711", patient_birth_date="19440101",
     patient_sex="M", study_instance_uid="1.2.826.0.1.3680043.10.1389.99.1", study_date="20261101",
     study_time="090000", accession_number="E2E-ACC-1",
 )
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_demo_model(tmp_path_factory.mktemp("model") / "demo")
 
 
 @pytest.fixture(scope="module")
@@ -43,48 +37,12 @@ def t1_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def node_settings(tmp_path: Path, pacs: LocalOrthanc, model: Path) -> Settings:
-    return make_settings(tmp_path, **{
-        "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
-        "model.path": str(model),
-        "network.allowed_calling_ae_titles": ["SCANNER"],
-    })
-
-
 @pytest.fixture
 def node(tmp_path: Path, orthanc: LocalOrthanc, demo_model: Path) -> Iterator[Node]:
     running = Node(node_settings(tmp_path, orthanc, demo_model))
     running.start()
     yield running
     running.stop()
-
-
-def send(node: Node, directory: Path) -> None:
-    result = subprocess.run(
-        [require_tool("storescu"), "-aet", "SCANNER", "-aec", node.settings.network.ae_title, "+sd", "+r",
-         "127.0.0.1", str(node.server.port), str(directory)], capture_output=True, text=True, timeout=120,
-        check=False)
-    assert result.returncode == 0, result.stderr
-
-
-def received_sr(pacs: LocalOrthanc, tmp_path: Path, timeout_s: float = 240) -> Path:
-    found = wait_for(lambda: pacs.find_instances(Modality="SR"), timeout_s, "an SR in Orthanc", 0.5)
-    assert len(found) == 1
-    path = tmp_path / "sr.dcm"
-    path.write_bytes(pacs.get_bytes(f"/instances/{found[0]['ID']}/file"))
-    return path
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-
-
-def finished_run(node: Node) -> Run:
-    def done() -> Run | None:
-        with node.db.sessions() as session:
-            return session.scalars(select(Run).where(Run.finished_at.is_not(None))).first()
-    return wait_for(done, 60, "the run to be recorded as finished")
 
 
 def test_t1_series_in_structured_report_out(node: Node, orthanc: LocalOrthanc, t1_study: Path,

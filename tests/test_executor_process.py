@@ -29,7 +29,7 @@ from model.inference import init_demo_model
 from pipeline.errors import NodeError
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 from tests.conftest import make_settings
-from tests.test_end_to_end import send
+from tests.support.node import send
 
 PATIENTS = [
     StudyHeader(patient_name=f"Workers^Testpatient{n}", patient_id=f"WRK-PID-{n:04d}", patient_birth_date="19450505",
