@@ -15,7 +15,7 @@ from dicom_node.app import Node
 from dicom_node.cli import STAGES, run_record
 from dicom_node.db.models import Run, RunState, Study
 from dicom_node.ingest import utcnow
-from dicom_node.localpacs import LocalOrthanc
+from dicom_node.localpacs import LocalOrthanc, wait_for
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 from tests.conftest import require_tool
 from tests.support.node import dciodvfy_errors, finished_run, node_settings, received_sr, send
@@ -59,7 +59,12 @@ def test_t1_series_in_structured_report_out(node: Node, orthanc: LocalOrthanc, t
 
     run = finished_run(node)
     assert run.state == RunState.SUCCEEDED.value
-    record = run_record(node.settings, run.id)
+    # Orthanc has the SR as soon as it answers; the node records the answer right after: wait for that record
+    def sr_recorded() -> dict | None:
+        rec = run_record(node.settings, run.id)
+        return rec if any(d["object"] == "sr" and d["state"] != "pending" for d in rec["deliveries"]) else None
+
+    record = wait_for(sr_recorded, 30, "the SR delivery to be recorded")
     assert all(record["stages"][stage] != "-" for stage in STAGES), record["stages"]
     assert {"converted", "preprocessed", "inferred", "report_built"} <= set(record["stage_seconds"])
     assert abs(sum(record["probabilities"].values()) - 1) < 1e-6
