@@ -451,6 +451,17 @@ def case_truncated(ctx: CaseContext, case: Case) -> None:
     _established(ctx, case, lambda peer, _: peer.send(whole[:cut]), follow_up=False)
 
 
+def _before_or_after_association(ctx: CaseContext, case: Case, data: bytes) -> None:
+    """Send *data* on a fresh connection or on an established association (a coin toss)."""
+    rng = ctx.rng
+    if rng.random() < 0.5:
+        case.detail += ", before association"
+        _unassociated(ctx, case, data)
+    else:
+        case.detail += ", after association"
+        _established(ctx, case, lambda peer, _: peer.send(data), follow_up=rng.random() < 0.5)
+
+
 def case_oversized(ctx: CaseContext, case: Case) -> None:
     """Every PDU type with a huge declared length and a little of the body."""
     rng = ctx.rng
@@ -458,12 +469,7 @@ def case_oversized(ctx: CaseContext, case: Case) -> None:
     body = rng.randbytes(rng.choice((0, 6, 64, 4096, 65536)))
     data = struct.pack(">BBL", pdu_type, 0, declared) + body
     case.detail = f"{PDU_NAMES[pdu_type]} declaring {declared} bytes, {len(body)} sent"
-    if rng.random() < 0.5:
-        case.detail += ", before association"
-        _unassociated(ctx, case, data)
-    else:
-        case.detail += ", after association"
-        _established(ctx, case, lambda peer, _: peer.send(data), follow_up=rng.random() < 0.5)
+    _before_or_after_association(ctx, case, data)
 
 
 def case_unknown_type(ctx: CaseContext, case: Case) -> None:
@@ -473,12 +479,7 @@ def case_unknown_type(ctx: CaseContext, case: Case) -> None:
     body = rng.randbytes(rng.choice((0, 4, 68, 1000)))
     data = struct.pack(">BBL", pdu_type, rng.randrange(256), len(body)) + body
     case.detail = f"type 0x{pdu_type:02X}, {len(body)} bytes"
-    if rng.random() < 0.5:
-        case.detail += ", before association"
-        _unassociated(ctx, case, data)
-    else:
-        case.detail += ", after association"
-        _established(ctx, case, lambda peer, _: peer.send(data), follow_up=rng.random() < 0.5)
+    _before_or_after_association(ctx, case, data)
 
 
 def case_out_of_order(ctx: CaseContext, case: Case) -> None:
