@@ -14,7 +14,8 @@ Each round sends the same instances to:
   (``network.dimse_path``): ``lean`` (the node parses P-DATA itself) and
   ``public`` (pynetdicom's public API: ``EVT_C_STORE`` with
   ``STORE_RECV_CHUNKED_DATASET``, the data set streamed to a file, not
-  decoded), each with ``storage.fsync = true`` (the default) and ``false``.
+  decoded; the same event-driven, bounded association loops as the lean
+  path), each with ``storage.fsync = true`` (the default) and ``false``.
   The order of the four node runs turns from round to round.
 
 Then 8 ``storescu`` senders in parallel to the node (lean path, fsync on; ``--senders 0`` skips it).

@@ -32,13 +32,14 @@ from tests.chaos.scenarios import (
 from tests.chaos.traffic import PHI_NAME_PREFIX
 from tests.conftest import POSTGRES_URL
 
-SCENARIOS = ("crash", "fuzz", "pdu-fuzz", "pacs", "db", "load")
+SCENARIOS = ("crash", "restart", "fuzz", "pdu-fuzz", "pacs", "db", "load")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the harness; exit status 1 when any scenario found a problem."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kills", type=int, default=50)
+    parser.add_argument("--restarts", type=int, default=20, help="SIGTERM restarts under load")
     parser.add_argument("--fuzz", type=int, default=1000)
     parser.add_argument("--pdu-fuzz", type=int, default=1000, help="PDU-level fuzz cases")
     parser.add_argument("--senders", type=int, default=8)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, run in (
             ("crash", lambda: crash_safety(args.root, pacs, model, kills=args.kills, max_gap_s=10)),
+            ("restart", lambda: crash_safety(args.root, pacs, model, kills=args.restarts, max_gap_s=10,
+                                             graceful=True)),
             ("fuzz", lambda: hostile_input(args.root, pacs, model, count=args.fuzz)),
             ("pdu-fuzz", lambda: pdu_fuzz(args.root, pacs, model, count=args.pdu_fuzz)),
             ("pacs", lambda: pacs_outage(args.root, pacs, model, down_s=30)),

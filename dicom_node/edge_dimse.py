@@ -18,11 +18,16 @@ Association set-up, release and abort never come here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import struct
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
+from typing import IO
 
 from pipeline.errors import NodeError
 
@@ -55,9 +60,22 @@ _UID_ELEMENTS = frozenset({_AFFECTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE})
 MAX_COMMAND_BYTES = 4096
 
 
+@dataclass(frozen=True)
+class Spill:
+    """Where a data set goes while it is received once it passes *threshold* bytes (never held whole in memory)."""
+
+    directory: Path
+    threshold: int
+
+
 @dataclass
 class StoreRequest:
-    """A C-STORE-RQ as received: its command and its data set, still encoded."""
+    """A C-STORE-RQ as received: its command and its data set, still encoded.
+
+    The data set's fragments are held as views of the PDUs they came in until
+    it passes the assembler's :class:`Spill` threshold; from then on it is
+    written to an anonymous temporary file as it arrives.
+    """
 
     context_id: int
     message_id: int
@@ -69,10 +87,40 @@ class StoreRequest:
     size: int = 0
     #: The data set grew past the assembler's bound: its fragments were dropped as they came.
     oversize: bool = False
+    #: The data set so far, once it passed the spill threshold (an unnamed file, gone when closed).
+    file: IO[bytes] | None = None
 
-    def dataset_bytes(self) -> bytes:
-        """The encoded data set (one copy of the fragments)."""
-        return b"".join(self.fragments)
+    def append(self, fragment: memoryview, spill: Spill | None) -> None:
+        """Keep one data set fragment: in memory, or on disk once over *spill*'s threshold."""
+        if self.file is None and spill is not None and self.size > spill.threshold:
+            self.file = tempfile.TemporaryFile(dir=spill.directory)  # noqa: SIM115 - closed by discard()
+            self.file.writelines(self.fragments)
+            self.fragments.clear()
+        if self.file is not None:
+            self.file.write(fragment)
+        else:
+            self.fragments.append(fragment)
+
+    def discard(self) -> None:
+        """Drop what was received (an oversized data set, or an association that ended first)."""
+        self.fragments.clear()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    @contextlib.contextmanager
+    def dataset(self) -> Iterator[bytes | memoryview]:
+        """The encoded data set: one copy of the fragments, or a view of the memory-mapped file."""
+        if self.file is None:
+            yield b"".join(self.fragments)
+            return
+        self.file.flush()
+        try:
+            with mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, \
+                    memoryview(mapped) as view:
+                yield view
+        finally:
+            self.discard()
 
 
 #: The node's C-STORE service: a request and its transfer syntax in, (status, error comment) out.
@@ -172,14 +220,20 @@ class StoreAssembler:
         The node's C-STORE service (:data:`StoreFunction`).
     max_dataset_bytes : int, optional
         Largest data set kept: the fragments of a larger one are dropped as they
-        arrive and *store* gets the request with ``oversize`` set (and no data), to refuse it.
+        arrive and *store* gets the request with ``oversize`` set (and no data),
+        to refuse it.  A data set handed to pynetdicom that grows past it is a
+        protocol error (the association is aborted).
+    spill : Spill, optional
+        Data sets larger than its threshold go to its directory as they arrive.
     """
 
     def __init__(self, transfer_syntaxes: dict[int, str], store: StoreFunction,
-                 max_dataset_bytes: int | None = None) -> None:
+                 max_dataset_bytes: int | None = None, spill: Spill | None = None) -> None:
         self.transfer_syntaxes = transfer_syntaxes
         self.store = store
         self.max_dataset_bytes = max_dataset_bytes
+        self.spill = spill
+        self._handed_bytes = 0
         self._route: _Route | None = None
         self._held: list[bytes] = []          # command PDV items of a message not routed yet
         self._command = bytearray()
@@ -220,8 +274,12 @@ class StoreAssembler:
                     self._command += value
                     if is_last and self._no_data_set_follows():
                         self._route = None
-                elif is_last:
-                    self._route = None
+                else:
+                    self._handed_bytes += len(value)
+                    if self.max_dataset_bytes is not None and self._handed_bytes > self.max_dataset_bytes:
+                        raise ProtocolError("data set over storage.max_dataset_bytes")
+                    if is_last:
+                        self._route = None
                 continue
             if self._route is _Route.LEAN:
                 request = self._request
@@ -230,9 +288,9 @@ class StoreAssembler:
                 request.size += len(value)
                 if self.max_dataset_bytes is not None and request.size > self.max_dataset_bytes:
                     request.oversize = True
-                    request.fragments.clear()  # never held: the PDUs it came in are freed
+                    request.discard()  # never held: the PDUs it came in are freed, a spilled file removed
                 elif not request.oversize:
-                    request.fragments.append(value)
+                    request.append(value, self.spill)
                 if is_last:
                     responses.append(self._serve(request))
                 continue
@@ -257,6 +315,13 @@ class StoreAssembler:
         passed.extend(self._held)
         self._held.clear()
         self._route = _Route.HANDED
+        self._handed_bytes = 0
+
+    def close(self) -> None:
+        """The association ended: drop a data set still being received."""
+        if self._request is not None:
+            self._request.discard()
+            self._request = None
 
     def _route_message(self, context_id: int, passed: list[bytes]) -> None:
         values = decode_command(bytes(self._command))
@@ -288,6 +353,9 @@ class StoreAssembler:
 
     def _serve(self, request: StoreRequest) -> tuple[int, bytes]:
         self._route, self._request = None, None
-        status, comment = self.store(request, self.transfer_syntaxes[request.context_id])
+        try:
+            status, comment = self.store(request, self.transfer_syntaxes[request.context_id])
+        finally:
+            request.discard()
         return request.context_id, encode_store_response(request, status, comment)
 

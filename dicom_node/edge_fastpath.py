@@ -25,9 +25,15 @@ read is bounded by the ACSE timeout (a half-sent A-ASSOCIATE-RQ closes the
 connection when it passes), afterwards by the network timeout, each PDU as a
 whole (a peer trickling bytes gets at most twice that); a PDU is refused
 before anything is allocated when it is longer than the negotiated maximum
-(P-DATA-TF) or :data:`MAX_CONTROL_PDU` (any other), and the association aborted.  They rely on pynetdicom internals,
-so the node pins ``pynetdicom>=3,<4`` and :func:`install` refuses an
-association whose internals differ (it is then served by the stock loops).
+(P-DATA-TF) or :data:`MAX_CONTROL_PDU` (any other), and the association
+aborted.  The same bounds hold for the PDUs pynetdicom reads itself
+(:func:`_bounded_recv`: association set-up, and every PDU with
+``network.dimse_path = "public"``, where a data set growing past
+``storage.max_dataset_bytes`` while it is received aborts the association).
+They rely on pynetdicom internals, so the node pins ``pynetdicom>=3,<4``,
+:func:`install` refuses an association whose internals differ (it is then
+served by the stock loops, and the node logs it) and a test pins that every
+internal it uses is there on the installed version.
 """
 
 from __future__ import annotations
@@ -42,12 +48,14 @@ import struct
 import threading
 import time
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ
 
-from dicom_node.edge_dimse import ProtocolError, StoreAssembler, StoreFunction, p_data_pdus
+from dicom_node.edge_dimse import ProtocolError, Spill, StoreAssembler, StoreFunction, p_data_pdus
 from dicom_node.requestor import checkpoint, turn_ended
 
 logger = logging.getLogger(__name__)
@@ -71,29 +79,58 @@ class _WakingQueue(queue.Queue[Any]):
             self._wake.send(b"\0")
 
 
-def install(assoc: Any, store: StoreFunction | None = None, max_dataset_bytes: int | None = None) -> bool:
-    """Give an acceptor association the event-driven loops; call from ``EVT_CONN_OPEN``.
+#: The private attributes of pynetdicom's DUL provider that :func:`install` relies on (pinned by a test).
+PYNETDICOM_DUL_INTERNALS = ("to_provider_queue", "event_queue", "_is_transport_event", "_process_recv_primitive",
+                            "state_machine", "artim_timer", "_idle_timer", "_kill_thread", "_decode_pdu",
+                            "_recv_pdu", "to_user_queue")
+#: The private attributes of pynetdicom's Association that the reactors rely on (pinned by a test).
+PYNETDICOM_ASSOCIATION_INTERNALS = ("_reactor_checkpoint", "_is_paused", "_kill", "_serve_request", "_run_reactor",
+                                    "_dul_ready")
+
+
+#: Called when a peer is cut off for a bound (the association, the reason); the node records it.
+RefusalHook = Callable[[Any, str], None]
+
+
+@dataclass
+class _Receipt:
+    """What :func:`_bounded_recv` knows of the PDU stream of one association."""
+
+    max_dataset_bytes: int | None
+    on_refusal: RefusalHook | None
+    #: The PDU type whose body the next read is (set by the header read before it).
+    body_of: int | None = None
+    #: Data set bytes of the C-STORE being received so far.
+    dataset_bytes: int = 0
+
+
+def install(assoc: Any, store: StoreFunction | None = None, max_dataset_bytes: int | None = None,
+            on_refusal: RefusalHook | None = None, spill: Spill | None = None) -> bool:
+    """Give an acceptor association the event-driven, bounded loops; call from ``EVT_CONN_OPEN``.
 
     With *store*, C-STORE requests of the established association are served by
     it on the lean path (:mod:`dicom_node.edge_dimse`) instead of pynetdicom's
     ``EVT_C_STORE`` handler; data sets over *max_dataset_bytes* are not kept
-    (see :class:`~dicom_node.edge_dimse.StoreAssembler`).  Returns False
-    (stock loops kept) when pynetdicom's internals are not as expected.
+    (see :class:`~dicom_node.edge_dimse.StoreAssembler`), and large ones go to
+    disk as they arrive (*spill*).  Without *store*, a data set that grows past
+    *max_dataset_bytes* while pynetdicom receives it aborts the association,
+    after *on_refusal* was told why.  Returns False (stock loops kept) when
+    pynetdicom's internals are not as expected.
     """
     dul = assoc.dul
-    needed = ("to_provider_queue", "event_queue", "_is_transport_event", "_process_recv_primitive",
-              "state_machine", "artim_timer", "_idle_timer", "_kill_thread", "_decode_pdu", "_recv_pdu")
-    if dul.is_alive() or not all(hasattr(dul, name) for name in needed) or not hasattr(assoc, "_reactor_checkpoint"):
+    needed = PYNETDICOM_DUL_INTERNALS
+    if dul.is_alive() or not all(hasattr(dul, name) for name in needed) or not all(
+            hasattr(assoc, name) for name in PYNETDICOM_ASSOCIATION_INTERNALS):
         return False
-    if not dul.to_provider_queue.empty():
+    if not dul.to_provider_queue.empty() or getattr(dul.socket, "recv", None) is None:
         return False
     reader, writer = socket.socketpair()
     reader.setblocking(False)
     writer.setblocking(False)
     dul.to_provider_queue = _WakingQueue(writer)
-    if getattr(dul.socket, "recv", None) is not None:
-        dul.socket.recv = types.MethodType(_bounded_recv, dul.socket)
-    lane = _StoreLane(dul, store, max_dataset_bytes) if store is not None else None
+    dul.socket._edge_receipt = _Receipt(None if store is not None else max_dataset_bytes, on_refusal)
+    dul.socket.recv = types.MethodType(_bounded_recv, dul.socket)
+    lane = _StoreLane(dul, store, max_dataset_bytes, spill) if store is not None else None
     dul._target = lambda: _dul_reactor(dul, reader, writer, lane)
     assoc._run_reactor = types.MethodType(_assoc_reactor, assoc)
     return True
@@ -107,13 +144,21 @@ def _phase_timeout(assoc: Any) -> float | None:
 
 
 def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` (pynetdicom's reads of a PDU) under a deadline and a size bound.
+    """``AssociationSocket.recv`` (pynetdicom's reads of a PDU) under a deadline and size bounds.
 
-    Returns what was read; pynetdicom takes a short read as a closed connection (Evt17).
+    pynetdicom reads a PDU's 6-byte header, then its body.  Returns what was
+    read; pynetdicom takes a short read as a closed connection (Evt17).
     """
     sock = self.socket
+    receipt: _Receipt = self._edge_receipt
+    body_of, receipt.body_of = receipt.body_of, None
     bytestream = bytearray()
-    limit = max(MAX_CONTROL_PDU, int(self.assoc.acceptor.maximum_length or 0) + 6)
+    if body_of is None:
+        limit = 6
+    elif body_of == 0x04:  # P-DATA-TF: the maximum we declared
+        limit = int(self.assoc.acceptor.maximum_length or 0) + 6 or MAX_CONTROL_PDU
+    else:
+        limit = MAX_CONTROL_PDU
     if nr_bytes > limit:
         logger.error("PDU of %d bytes declared, longer than %d: connection closed", nr_bytes, limit)
         return bytestream
@@ -129,7 +174,56 @@ def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
         if not chunk:
             return bytestream
         bytestream.extend(chunk)
+    if body_of is None:
+        if bytestream[0] in _PDU_TYPES:
+            receipt.body_of = bytestream[0]
+    elif body_of == 0x04 and receipt.max_dataset_bytes is not None and not _count_dataset(receipt, bytestream):
+        reason = (f"data set over storage.max_dataset_bytes "
+                  f"({receipt.max_dataset_bytes / 2**20:g} MiB) while receiving")
+        logger.error("%s: association aborted", reason)
+        if receipt.on_refusal is not None:
+            receipt.on_refusal(self.assoc, reason)
+        _send_abort(self)
+        return bytearray()
     return bytestream
+
+
+#: PDU types of PS3.8 9.3 (pynetdicom takes any other as Evt19 without reading a body).
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_PDV_HEADER = struct.Struct(">LBB")
+
+
+def _count_dataset(receipt: _Receipt, body: bytearray) -> bool:
+    """Add the data set fragments of a P-DATA-TF body; False once the data set passes the bound.
+
+    A command fragment starts a new message; the last data set fragment ends it.
+    Malformed items are left to pynetdicom, which refuses them.
+    """
+    pos = 0
+    while pos + 6 <= len(body):
+        length, _, control = _PDV_HEADER.unpack_from(body, pos)
+        if length < 2:
+            return True
+        if control & 0x01:
+            receipt.dataset_bytes = 0
+        else:
+            receipt.dataset_bytes += length - 2
+            if receipt.max_dataset_bytes is not None and receipt.dataset_bytes > receipt.max_dataset_bytes:
+                receipt.dataset_bytes = 0
+                return False
+            if control & 0x02:
+                receipt.dataset_bytes = 0
+        pos += 4 + length
+    return True
+
+
+def _send_abort(sock: Any) -> None:
+    """Send an A-ABORT (source: service provider) on *sock*, ignoring a connection already gone."""
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    with contextlib.suppress(Exception):  # the connection may be gone already
+        sock.send(abort_pdu.encode())
 
 
 def _wait(dul: Any, reader: socket.socket) -> None:
@@ -196,6 +290,8 @@ def _dul_reactor(dul: Any, reader: socket.socket, writer: socket.socket, lane: _
         _wake_acceptor(dul)
         reader.close()
         writer.close()
+        if lane is not None and lane.assembler is not None:
+            lane.assembler.close()
 
 
 def _hard_abort(dul: Any, exc: Exception) -> None:
@@ -207,11 +303,7 @@ def _hard_abort(dul: Any, exc: Exception) -> None:
     association thread, its slot and the connection waiting for ever.
     """
     logger.error("exception in the DUL reactor (%s); aborting the association", type(exc).__name__)
-    abort_pdu = A_ABORT_RQ()
-    abort_pdu.source = 0x02
-    abort_pdu.reason_diagnostic = 0x00
-    with contextlib.suppress(Exception):  # the connection may be gone already
-        dul.socket.send(abort_pdu.encode())
+    _send_abort(dul.socket)
     dul.assoc.is_aborted = True
     dul.assoc.is_established = False
     dul.assoc._kill = True
@@ -242,10 +334,12 @@ def _wake_acceptor(dul: Any) -> None:
 class _StoreLane:
     """The DUL side of the lean C-STORE path: reads PDUs of an established association."""
 
-    def __init__(self, dul: Any, store: StoreFunction, max_dataset_bytes: int | None = None) -> None:
+    def __init__(self, dul: Any, store: StoreFunction, max_dataset_bytes: int | None = None,
+                 spill: Spill | None = None) -> None:
         self.dul = dul
         self.store = store
         self.max_dataset_bytes = max_dataset_bytes
+        self.spill = spill
         self.assembler: StoreAssembler | None = None
         self.timeout: float | None = None
 
@@ -257,7 +351,7 @@ class _StoreLane:
     def _assembler(self) -> StoreAssembler:
         if self.assembler is None:
             contexts = {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in self.dul.assoc.accepted_contexts}
-            self.assembler = StoreAssembler(contexts, self.store, self.max_dataset_bytes)
+            self.assembler = StoreAssembler(contexts, self.store, self.max_dataset_bytes, self.spill)
         return self.assembler
 
     def read(self) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Collection
+from typing import TypeAlias
 
 from pydicom.valuerep import VR
 
@@ -62,16 +63,19 @@ def _tag_text(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+#: An encoded data set: bytes, or a view of a memory-mapped file (never read whole).
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
 _LE = (struct.Struct("<HHL"), struct.Struct("<HH2sH"), struct.Struct("<L"))
 _BE = (struct.Struct(">HHL"), struct.Struct(">HH2sH"), struct.Struct(">L"))
 
 
-def scan_elements(raw: bytes, explicit: bool, wanted: Collection[int]) -> dict[int, bytes] | None:
+def scan_elements(raw: Buffer, explicit: bool, wanted: Collection[int]) -> dict[int, bytes] | None:
     """The raw values of the *wanted* top-level tags of a little-endian data set.
 
     Parameters
     ----------
-    raw : bytes
+    raw : bytes or memoryview
         The encoded data set (no preamble, no file meta information).
     explicit : bool
         Explicit VR (True) or implicit VR (False) little endian.
@@ -97,7 +101,7 @@ def scan_elements(raw: bytes, explicit: bool, wanted: Collection[int]) -> dict[i
     return found if end == len(raw) else None
 
 
-def check_extent(raw: bytes, explicit: bool, little_endian: bool = True) -> None:
+def check_extent(raw: Buffer, explicit: bool, little_endian: bool = True) -> None:
     """Check that every element, item and sequence of *raw* ends within it.
 
     For data sets :func:`scan_elements` leaves to pydicom (big endian, an
@@ -115,7 +119,7 @@ def check_extent(raw: bytes, explicit: bool, little_endian: bool = True) -> None
         return
 
 
-def _element_header(raw: bytes, pos: int, explicit: bool,
+def _element_header(raw: Buffer, pos: int, explicit: bool,
                     codec: tuple[struct.Struct, struct.Struct, struct.Struct]) -> tuple[int, int, int, bytes | None]:
     """(tag, value length, position of the value, explicit VR or None) of the element at *pos*."""
     group, element, length = codec[0].unpack_from(raw, pos)
@@ -133,7 +137,7 @@ def _element_header(raw: bytes, pos: int, explicit: bool,
     return tag, short, pos + 8, vr
 
 
-def _walk(raw: bytes, pos: int, end: int, explicit: bool, wanted: Collection[int] | None,
+def _walk(raw: Buffer, pos: int, end: int, explicit: bool, wanted: Collection[int] | None,
           found: dict[int, bytes], depth: int, codec: tuple[struct.Struct, struct.Struct, struct.Struct]) -> int:
     """Walk elements from *pos* to *end*.
 
@@ -166,12 +170,12 @@ def _walk(raw: bytes, pos: int, end: int, explicit: bool, wanted: Collection[int
         if length > end - value:
             raise TruncatedDataSetError(f"value length of element {_tag_text(tag)} runs past the end of the data set")
         if wanted is not None and depth == 0 and tag in wanted:
-            found[tag] = raw[value:value + length]
+            found[tag] = bytes(raw[value:value + length])
         pos = value + length
     return pos
 
 
-def _skip_items(raw: bytes, pos: int, end: int, explicit: bool, depth: int,
+def _skip_items(raw: Buffer, pos: int, end: int, explicit: bool, depth: int,
                 codec: tuple[struct.Struct, struct.Struct, struct.Struct], owner: int) -> int:
     """Skip the items of an undefined-length value; returns the position after its sequence delimiter."""
     while True:

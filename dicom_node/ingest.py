@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.driver import DriverStatement, driver_transaction
 from dicom_node.db.models import Instance, Rejection, Series, SeriesState, Study
+from dicom_node.edge_header import Buffer
 from dicom_node.ingest_identity import InstanceIdentity, RejectedInstance
 from dicom_node.settings import Settings
 from dicom_node.statuses import StoreStatus
@@ -166,7 +167,7 @@ class Spool:
             self._written_since = 0
         return self._free_measured - self._written_since
 
-    def write(self, path: Path, data: bytes | Sequence[bytes]) -> None:
+    def write(self, path: Path, data: Buffer | Sequence[Buffer]) -> None:
         """Write *data* (one buffer, or several written in order) atomically and durably.
 
         A temporary file, fsynced, renamed into place, then the directory

@@ -37,7 +37,15 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
 
-from dicom_node.edge_header import KNOWN_VRS, TEXT_VRS, US_TAGS, TruncatedDataSetError, check_extent, scan_elements
+from dicom_node.edge_header import (
+    KNOWN_VRS,
+    TEXT_VRS,
+    US_TAGS,
+    Buffer,
+    TruncatedDataSetError,
+    check_extent,
+    scan_elements,
+)
 from dicom_node.statuses import StoreStatus
 from pipeline.errors import InvalidInstanceError
 from structured_reports.charset import report_character_set
@@ -244,7 +252,7 @@ def check_copied_attributes(source: Dataset | Header) -> None:
 MAX_INFLATED_BYTES = 256 * 1024 * 1024
 
 
-def check_inflated_size(raw: bytes, limit: int = MAX_INFLATED_BYTES) -> None:
+def check_inflated_size(raw: Buffer, limit: int = MAX_INFLATED_BYTES) -> None:
     """Refuse a Deflated Explicit VR Little Endian data set that inflates past *limit*.
 
     Raises
@@ -254,7 +262,7 @@ def check_inflated_size(raw: bytes, limit: int = MAX_INFLATED_BYTES) -> None:
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
-    chunk = raw
+    chunk: Buffer = raw
     while chunk:
         total += len(inflater.decompress(chunk, 16 * 1024 * 1024))
         if total > limit:
@@ -316,7 +324,7 @@ def _pixel_values(source: Dataset | Mapping[int, bytes], header: Header | None) 
     return values
 
 
-def decode_dataset(raw: bytes, transfer_syntax_uid: str) -> Dataset:
+def decode_dataset(raw: Buffer, transfer_syntax_uid: str) -> Dataset:
     """The received data set, parsed lazily (values decode on access; pixel data stays encoded).
 
     A deflated data set is inflated here: call :func:`check_inflated_size` first.
@@ -349,7 +357,7 @@ def identify(ds: Dataset, context_sop_class: str) -> InstanceIdentity:
     return _identify(Header(ds), context_sop_class)
 
 
-def read_identity(raw: bytes, transfer_syntax_uid: str, context_sop_class: str,
+def read_identity(raw: Buffer, transfer_syntax_uid: str, context_sop_class: str,
                   max_pixel_bytes: int | None = None) -> tuple[InstanceIdentity, bool]:
     """:func:`identify` and :func:`is_lossy` of an encoded data set, read in one pass when possible.
 

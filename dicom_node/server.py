@@ -14,18 +14,24 @@ the association ends afterwards (released, aborted, dropped, or the node stoppin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import mmap
+import os
 import socket
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node import edge_fastpath
 from dicom_node.edge_access import AccessPolicy
 from dicom_node.edge_assoc import AssociationInfo, AssociationJournal, Outcome
-from dicom_node.edge_dimse import StoreRequest
+from dicom_node.edge_dimse import Spill, StoreRequest
 from dicom_node.edge_listener import start_listener
 from dicom_node.ingest import Duplicate, Peer, Recorder, Spool, duplicate_decision, part10_header, transfer_syntaxes
 from dicom_node.ingest_identity import RejectedInstance, check_inflated_size, read_identity
@@ -55,45 +61,87 @@ _META_START = 128 + 4 + 12
 _chunked_lock = threading.Lock()
 _chunked_users = 0
 _chunked_before = False
+_tempfile_before: Any = None
 
 
-def _chunked_receive(on: bool) -> None:
-    """Turn pynetdicom's global ``STORE_RECV_CHUNKED_DATASET`` on for a server with ``dimse_path = "public"``.
+def _chunked_receive(on: bool, receiving_dir: Path | None = None) -> None:
+    """Turn pynetdicom's global ``STORE_RECV_CHUNKED_DATASET`` on while a server runs, data sets into *receiving_dir*.
 
-    Counted: it is on while at least one such server runs in this process, then back to what it was.
+    pynetdicom then writes each C-STORE data set to a temporary file as its
+    fragments arrive.  The files go to the first running server's
+    ``<spool>/.receiving/`` as ``.rx-*.part`` (never to a RAM-backed /tmp; one
+    left by a crash is removed by start-up reconciliation).  Counted: on while
+    at least one server runs in this process, then back to what it was.
     """
-    global _chunked_users, _chunked_before
+    global _chunked_users, _chunked_before, _tempfile_before
     with _chunked_lock:
         if on:
             if _chunked_users == 0:
                 _chunked_before = bool(_config.STORE_RECV_CHUNKED_DATASET)
+                _tempfile_before = dimse_messages.NamedTemporaryFile
+                if receiving_dir is not None:
+                    receiving_dir.mkdir(parents=True, exist_ok=True)
+                    dimse_messages.NamedTemporaryFile = _receiving_file(receiving_dir)
             _chunked_users += 1
             _config.STORE_RECV_CHUNKED_DATASET = True
         elif _chunked_users > 0:
             _chunked_users -= 1
             if _chunked_users == 0:
                 _config.STORE_RECV_CHUNKED_DATASET = _chunked_before
+                dimse_messages.NamedTemporaryFile = _tempfile_before
 
 
-def read_streamed_dataset(path: Any, max_bytes: int) -> tuple[bytes, int]:
-    """The encoded data set of a file pynetdicom streamed a C-STORE to (``STORE_RECV_CHUNKED_DATASET``).
+def _receiving_file(directory: Path) -> Any:
+    """pynetdicom's ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``, in *directory*."""
+    def named_temporary_file(*args: Any, **kwargs: Any) -> Any:
+        kwargs.update(dir=directory, prefix=".rx-", suffix=".part")
+        return tempfile.NamedTemporaryFile(*args, **kwargs)  # pynetdicom closes and removes it
+    return named_temporary_file
+
+
+@contextlib.contextmanager
+def streamed_dataset(path: Any) -> Iterator[memoryview]:
+    """The encoded data set of a file pynetdicom streamed a C-STORE to, memory-mapped (never read whole).
 
     The file is pynetdicom's Part 10 file: preamble, "DICM", file meta (group
-    length first), then the data set exactly as received.  Returns the data set
-    bytes and their size; a data set over *max_bytes* is not read (empty bytes, its size).
+    length first), then the data set exactly as received.
+
+    Raises
+    ------
+    ValueError
+        Not a file meta that pynetdicom writes.
     """
     with open(path, "rb") as stream:
         head = stream.read(_META_START)
         if len(head) < _META_START or head[128:132] != b"DICM" or head[132:140] != _GROUP_LENGTH_TAG:
             raise ValueError("not a file meta pynetdicom writes")
         start = _META_START + int.from_bytes(head[140:144], "little")
-        size = stream.seek(0, 2) - start
-        if size < 0:
+        size = os.fstat(stream.fileno()).st_size
+        if start > size:
             raise ValueError("file meta past the end of the file")
-        if size > max_bytes:
-            return b"", size
-        stream.seek(start)
-        return stream.read(), size
+        with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as whole:
+            view = whole[start:]
+            try:
+                yield view
+            finally:
+                view.release()
+
+
+def _discard_partial(assoc: Any) -> None:
+    """Close and remove the temporary file of a C-STORE data set whose receipt ended unfinished.
+
+    pynetdicom removes the file after ``EVT_C_STORE``; a data set cut off by an
+    abort or a closed connection was never handed over, and its file would stay.
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    with contextlib.suppress(OSError):
+        partial.close()
+    with contextlib.suppress(OSError):
+        os.unlink(partial.name)
+
 
 _REJECT_REASONS: dict[tuple[Any, Any], str] = {
     (RejectSource.SERVICE_USER, RejectReason.CALLING_AE_NOT_RECOGNIZED): "calling AE title not recognised",
@@ -116,6 +164,8 @@ class _AssocState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Accepted presentation context ID -> abstract syntax (filled on the first C-STORE).
     contexts: dict[int, str] | None = None
+    #: Why a bound of the edge ended the association (an oversized data set).
+    cut_off: str | None = None
 
 
 class StorageServer:
@@ -164,7 +214,10 @@ class StorageServer:
         #: Set when :meth:`stop` aborts the associations left after the grace period.
         self._stopping = False
         #: ``network.dimse_path = "public"``: C-STOREs through pynetdicom's ``EVT_C_STORE`` only.
-        self._public = False
+        self._public = net.dimse_path == "public"
+        #: Where data sets being received go once they are large (``storage.spill_bytes``).
+        self._receiving = spool.root / ".receiving"
+        self._spill = Spill(self._receiving, settings.storage.spill_bytes)
 
     @property
     def port(self) -> int:
@@ -186,9 +239,8 @@ class StorageServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
         ]
-        self._public = net.dimse_path == "public"
-        if self._public:
-            _chunked_receive(True)
+        self._receiving.mkdir(parents=True, exist_ok=True)
+        _chunked_receive(True, self._receiving)
         self._server = start_listener(
             self.ae, (net.bind_address, net.port), handlers, accept_timeout_s=net.acse_timeout_s,
             per_peer_limit=net.max_associations_per_peer, tls_context=self.ssl_context)
@@ -220,18 +272,32 @@ class StorageServer:
         for assoc in active:
             assoc.join(timeout=5)
         self.ae.shutdown()
-        if self._public:
-            _chunked_receive(False)
+        _chunked_receive(False)
 
     # ----- association life cycle ----------------------------------------
     def _on_conn_open(self, event: Any) -> None:
         raw = getattr(event.assoc.dul.socket, "socket", None)
         if self.settings.network.tcp_nodelay and raw is not None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._public:
-            return  # pynetdicom's own loops and EVT_C_STORE (network.dimse_path = "public")
-        edge_fastpath.install(event.assoc, store=functools.partial(self._lean_store, event.assoc),
-                              max_dataset_bytes=self.settings.storage.max_dataset_bytes)
+        store = None if self._public else functools.partial(self._lean_store, event.assoc)
+        if not edge_fastpath.install(event.assoc, store, self.settings.storage.max_dataset_bytes, self._on_cut_off,
+                                     self._spill):
+            logger.error("pynetdicom's internals differ from the pinned version: association served unbounded")
+
+    def _on_cut_off(self, assoc: Any, reason: str) -> None:
+        """A bound of :mod:`dicom_node.edge_fastpath` ended the association: record the instance refused."""
+        with self._assocs_lock:
+            state = self._assocs.get(id(assoc))
+        if state is None:
+            return
+        command = getattr(getattr(getattr(assoc, "dimse", None), "message", None), "command_set", None)
+        sop_class = getattr(command, "AffectedSOPClassUID", None)
+        sop_instance = getattr(command, "AffectedSOPInstanceUID", None)
+        state.cut_off = reason
+        state.refused += 1
+        self._refuse(state, None if sop_class is None else str(sop_class),
+                     None if sop_instance is None else str(sop_instance),
+                     RejectedInstance(StoreStatus.OUT_OF_RESOURCES, reason))
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
@@ -301,12 +367,15 @@ class StorageServer:
     def _finish(self, assoc: Any, outcome: str, reason: str | None) -> None:
         with self._assocs_lock:
             state = self._assocs.pop(id(assoc), None)
+        _discard_partial(assoc)
         if state is None:
             return
         with state.lock:  # waits for a C-STORE in progress
             state.finished = True
             if outcome == Outcome.ABORTED:
-                if self._stopping:
+                if state.cut_off is not None:
+                    reason = state.cut_off
+                elif self._stopping:
                     reason = "aborted by the node stopping (network.shutdown_grace_s)"
                 # Every instance answered Success is stored (PS3.4): an abort keeps them all.
                 reason = f"{reason}: {state.stored} acknowledged instance(s) kept"
@@ -321,29 +390,28 @@ class StorageServer:
         return int(VerificationStatus.SUCCESS)
 
     def _on_store(self, event: Any) -> int | Dataset:
-        """pynetdicom's ``EVT_C_STORE``: ``dimse_path = "public"``, or associations the lean path could not take.
+        """pynetdicom's ``EVT_C_STORE``, the data set streamed to a file (``STORE_RECV_CHUNKED_DATASET``).
 
-        With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom has streamed the data set
-        to a file (``event.dataset_path``): its bytes after pynetdicom's file
-        meta go through the same checks, spooling and recording as the lean path's.
+        The data set (the file's bytes after pynetdicom's file meta) is
+        memory-mapped, checked, spooled and recorded without being read whole
+        into memory.
         """
         request = event.request
-        size: int | None = None
         try:
             path = event.dataset_path
         except AttributeError:
             path = None
-        if path is not None:
+        args = (event.assoc, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax))
+        if path is None:  # no data set, or STORE_RECV_CHUNKED_DATASET turned off by someone else
+            status, comment = self._serve_store(*args, request.DataSet.getvalue(), int(event.context.context_id))
+        else:
             try:
-                raw, size = read_streamed_dataset(path, self.settings.storage.max_dataset_bytes)
+                with streamed_dataset(path) as raw:
+                    status, comment = self._serve_store(*args, raw, int(event.context.context_id))
             except (OSError, ValueError) as exc:
                 logger.error("streamed data set unreadable (%s)", type(exc).__name__)
                 return int(StoreStatus.OUT_OF_RESOURCES)
-        else:
-            raw = request.DataSet.getvalue()
-        status, comment = self._serve_store(event.assoc, str(request.AffectedSOPClassUID),
-                                            str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
-                                            raw, int(event.context.context_id), size)
         if comment is None:
             return status
         answer = Dataset()
@@ -352,12 +420,14 @@ class StorageServer:
 
     def _lean_store(self, assoc: Any, request: StoreRequest, ts_uid: str) -> tuple[int, str | None]:
         """The lean C-STORE path's service (:mod:`dicom_node.edge_dimse`)."""
-        raw = b"" if request.oversize else request.dataset_bytes()
-        return self._serve_store(assoc, request.sop_class_uid, request.sop_instance_uid, ts_uid,
-                                 raw, request.context_id, request.size)
+        args = (assoc, request.sop_class_uid, request.sop_instance_uid, ts_uid)
+        if request.oversize:
+            return self._serve_store(*args, b"", request.context_id, request.size)
+        with request.dataset() as raw:
+            return self._serve_store(*args, raw, request.context_id)
 
     def _serve_store(self, assoc: Any, sop_class: str, sop_instance: str, ts_uid: str,
-                     raw: bytes, context_id: int, size: int | None = None) -> tuple[int, str | None]:
+                     raw: bytes | memoryview, context_id: int, size: int | None = None) -> tuple[int, str | None]:
         """Store one instance of *assoc*; returns the status and, on failure, the error comment."""
         with self._assocs_lock:
             state = self._assocs.get(id(assoc))
@@ -390,7 +460,7 @@ class StorageServer:
                 state.refused += 1
             return int(status), comment
 
-    def _store(self, sop_class: str, sop_instance: str, ts_uid: str, raw: bytes,
+    def _store(self, sop_class: str, sop_instance: str, ts_uid: str, raw: bytes | memoryview,
                state: _AssocState) -> tuple[StoreStatus, str | None]:
         storage = self.settings.storage
         try:
@@ -447,7 +517,7 @@ class StorageServer:
                      " (replaced)" if decision is Duplicate.REPLACE else "")
         return StoreStatus.SUCCESS, None
 
-    def _refuse(self, state: _AssocState, sop_class: str, sop_instance: str,
+    def _refuse(self, state: _AssocState, sop_class: str | None, sop_instance: str | None,
                 exc: RejectedInstance) -> tuple[StoreStatus, str | None]:
         """Log and record a refused instance; returns its status and reason."""
         logger.warning(

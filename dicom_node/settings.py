@@ -124,6 +124,7 @@ class StorageSettings(_Section):
     duplicate_policy: Literal["ignore_identical", "replace", "reject"] = "ignore_identical"
     accept_lossy: bool = True
     max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    spill_bytes: int = Field(16 * 1024 * 1024, ge=0)
     max_pixel_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     max_inflated_bytes: int = Field(256 * 1024 * 1024, ge=1024)
 

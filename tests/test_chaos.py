@@ -45,6 +45,13 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, pacs: LocalOrth
     assert logs.ok, logs.problems
 
 
+def test_sigterm_restarts_under_load_lose_nothing(tmp_path: Path, pacs: LocalOrthanc, model: Path) -> None:
+    findings = crash_safety(tmp_path, pacs, model, kills=3, t1_every=3, max_gap_s=4.0, graceful=True)
+    assert findings.ok, (findings.problems, findings.figures)
+    assert findings.figures["instances lost"] == 0 and findings.figures["runs stuck"] == 0
+    assert findings.figures["duplicate reports in PACS"] == 0 and findings.figures["node starts"] == 4
+
+
 def test_malformed_input_is_refused_or_stored_harmlessly(tmp_path: Path, pacs: LocalOrthanc, model: Path) -> None:
     findings = hostile_input(tmp_path, pacs, model, count=60)
     assert findings.ok, (findings.problems, findings.figures)

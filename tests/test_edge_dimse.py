@@ -5,12 +5,13 @@ from __future__ import annotations
 import struct
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
@@ -24,6 +25,7 @@ from dicom_node.edge_dimse import (
     encode_store_response,
     p_data_pdus,
 )
+from dicom_node.edge_fastpath import PYNETDICOM_ASSOCIATION_INTERNALS, PYNETDICOM_DUL_INTERNALS
 from dicom_node.requestor import associate
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
@@ -52,7 +54,8 @@ class _Recorder:
         self.status, self.comment = status, comment
 
     def __call__(self, request: StoreRequest, ts_uid: str) -> tuple[int, str | None]:
-        self.requests.append((request, request.dataset_bytes(), ts_uid))
+        with request.dataset() as raw:
+            self.requests.append((request, bytes(raw), ts_uid))
         return self.status, self.comment
 
 
@@ -167,3 +170,28 @@ def test_mixed_association_through_the_lean_path(tmp_path: Path) -> None:
         with server.recorder.sessions() as session:
             count = session.scalar(select(func.count()).select_from(Instance))
     assert count == 2
+
+
+def test_pynetdicom_internals_the_edge_relies_on_are_there(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every private pynetdicom attribute of :mod:`dicom_node.edge_fastpath` exists on a real acceptor association.
+
+    A pynetdicom upgrade that renames one fails here, not silently in production
+    (where :func:`~dicom_node.edge_fastpath.install` would fall back to pynetdicom's unbounded loops).
+    """
+    seen: list[tuple[bool, bool]] = []
+
+    def look(event: Any) -> None:
+        assoc = event.assoc
+        seen.append((all(hasattr(assoc.dul, name) for name in PYNETDICOM_DUL_INTERNALS),
+                     all(hasattr(assoc, name) for name in PYNETDICOM_ASSOCIATION_INTERNALS)))
+
+    with edge_server(make_settings(tmp_path)) as server:
+        assert server._server is not None
+        server._server.bind(evt.EVT_CONN_OPEN, look)
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(Verification)
+        assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
+        assert assoc.is_established
+        assoc.release()
+    assert seen == [(True, True)]
+    assert "internals differ" not in caplog.text

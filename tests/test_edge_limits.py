@@ -36,7 +36,7 @@ from pynetdicom import AE, _config, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node.db.models import Instance, Rejection
+from dicom_node.db.models import AssociationLog, Instance, Rejection
 from dicom_node.localpacs import wait_for
 from dicom_node.requestor import associate
 from dicom_node.statuses import StoreStatus
@@ -47,6 +47,8 @@ from tests.test_edge_tls import pki, tls_args, tls_settings
 __all__ = ["no_patient_data_in_logs", "pki"]  # the autouse log check applies here too; the test PKI
 
 T = TypeVar("T")
+#: ``network.dimse_path``: the node's lean C-STORE path and pynetdicom's public API are bounded alike.
+DIMSE_PATHS = ["lean", "public"]
 
 
 def _part10(path: Path, sop_instance: str, syntax: str, body: bytes) -> Path:
@@ -224,9 +226,10 @@ def test_half_sent_associate_rq_times_out_with_the_acse_timeout(tmp_path: Path) 
         assert echoscu(server.port) == 0
 
 
-def test_half_sent_pdu_times_out_with_the_network_timeout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", DIMSE_PATHS)
+def test_half_sent_pdu_times_out_with_the_network_timeout(tmp_path: Path, path: str) -> None:
     """An established association whose peer stops inside a P-DATA-TF PDU is ended after network_timeout_s."""
-    settings = make_settings(tmp_path, **{"network.network_timeout_s": 1.5})
+    settings = make_settings(tmp_path, **{"network.network_timeout_s": 1.5, "network.dimse_path": path})
     with edge_server(settings) as server:
         ae = AE(ae_title="SCANNER")
         ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
@@ -293,8 +296,9 @@ def _established(port: int) -> Any:
     b"\x05\x00\xff\xff\xff\xff",                        # an A-RELEASE-RQ declaring 4 GiB
     b"\x04\x00" + struct.pack(">L", 64 * 1024 * 1024),  # a P-DATA-TF over the negotiated maximum (1 MiB)
 ], ids=["release-rq-4GiB", "p-data-64MiB"])
-def test_overlong_pdu_aborts_without_allocating(tmp_path: Path, header: bytes) -> None:
-    with edge_server(make_settings(tmp_path)) as server:
+@pytest.mark.parametrize("path", DIMSE_PATHS)
+def test_overlong_pdu_aborts_without_allocating(tmp_path: Path, header: bytes, path: str) -> None:
+    with edge_server(make_settings(tmp_path, **{"network.dimse_path": path})) as server:
         peak = _peak_rss()
         assoc = _established(server.port)
         try:
@@ -316,7 +320,8 @@ def test_overlong_associate_rq_is_closed_without_allocating(tmp_path: Path) -> N
         assert echoscu(server.port) == 0
 
 
-def test_pixel_data_declaring_more_than_the_bound_is_refused_before_decoding(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", DIMSE_PATHS)
+def test_pixel_data_declaring_more_than_the_bound_is_refused_before_decoding(tmp_path: Path, path: str) -> None:
     """2 KB of JPEG-LS declaring 8192 x 8192 x 16 bits (128 MiB): 0xA700 with the reason, from the header alone."""
     source = dcmread(mr_series(tmp_path / "in", slices=1)[0])
     bomb = copy.deepcopy(source)
@@ -325,7 +330,7 @@ def test_pixel_data_declaring_more_than_the_bound_is_refused_before_decoding(tmp
     bomb["PixelData"].VR = "OB"
     bomb.file_meta.TransferSyntaxUID = JPEGLSLossless
     bomb.SOPInstanceUID = generate_uid()
-    settings = make_settings(tmp_path, **{"storage.max_pixel_bytes": 64 * 1024 * 1024})
+    settings = make_settings(tmp_path, **{"storage.max_pixel_bytes": 64 * 1024 * 1024, "network.dimse_path": path})
     with edge_server(settings) as server:
         ae = AE(ae_title="SCANNER")
         ae.requested_contexts = [build_context(MRImageStorage, [JPEGLSLossless]),
@@ -359,3 +364,30 @@ def test_data_set_over_the_bound_is_refused_and_not_kept(tmp_path: Path) -> None
         (refusal,) = _refusals(server)
         assert refusal.status == StoreStatus.OUT_OF_RESOURCES
         assert good.Status == StoreStatus.SUCCESS and _stored(server) == 1
+
+
+def test_data_set_over_the_bound_aborts_the_public_path_with_the_reason(tmp_path: Path) -> None:
+    """pynetdicom cannot answer before the data set ends: the node aborts as it passes the bound, and records why."""
+    big = dcmread(mr_series(tmp_path / "in", slices=1, size=256)[0])
+    settings = make_settings(tmp_path, **{"storage.max_dataset_bytes": 64 * 1024, "network.dimse_path": "public"})
+    with edge_server(settings) as server:
+        assoc = _established(server.port)
+        try:
+            answer = assoc.send_c_store(big)
+        finally:
+            assoc.abort()
+        assert "Status" not in answer and assoc.is_aborted
+        (refusal,) = _refusals(server)
+        assert refusal.status == StoreStatus.OUT_OF_RESOURCES
+        assert refusal.sop_instance_uid == big.SOPInstanceUID
+        assert refusal.reason == "data set over storage.max_dataset_bytes (0.0625 MiB) while receiving"
+        wait_for(lambda: _association_reasons(server) != [None], 10, "the association log to be finished")
+        assert _association_reasons(server) == [
+            "data set over storage.max_dataset_bytes (0.0625 MiB) while receiving: 0 acknowledged instance(s) kept"]
+        assert _stored(server) == 0 and list((server.spool.root / ".receiving").iterdir()) == []
+        assert echoscu(server.port) == 0
+
+
+def _association_reasons(server: object) -> list[str | None]:
+    with server.recorder.sessions() as session:  # type: ignore[attr-defined]
+        return list(session.scalars(select(AssociationLog.reason)).all())

@@ -130,11 +130,17 @@ def check_outcome(node: NodeProcess, db: Database, pacs: LocalOrthanc, ledger: L
 
 
 def crash_safety(root: Path, pacs: LocalOrthanc, model: Path, *, kills: int, t1_every: int = 4,
-                 seed: int = 7, max_gap_s: float = 6.0) -> Findings:
-    """SIGKILL the node at random moments while studies stream in and runs execute."""
-    findings = Findings("crash safety")
+                 seed: int = 7, max_gap_s: float = 6.0, graceful: bool = False) -> Findings:
+    """SIGKILL the node at random moments while studies stream in and runs execute.
+
+    With *graceful*, SIGTERM instead (an administrator's restart under load): the
+    node stops accepting, lets associations in flight end within
+    ``network.shutdown_grace_s``, aborts the others, and every instance it
+    answered Success must still be processed after the restart.
+    """
+    findings = Findings("restart under load" if graceful else "crash safety")
     rng = random.Random(seed)
-    node = NodeProcess(root / "crash", pacs, model)
+    node = NodeProcess(root / ("restart" if graceful else "crash"), pacs, model)
     node.start()
     db = node_db(node)
     ledger, stop, alive = Ledger(), threading.Event(), threading.Event()
@@ -158,7 +164,11 @@ def crash_safety(root: Path, pacs: LocalOrthanc, model: Path, *, kills: int, t1_
         target = None if number % 2 == 0 else KILL_TARGETS[(number // 2) % len(KILL_TARGETS)]
         stages[_wait_to_kill(db, rng.uniform(0.3, max_gap_s) if target is None else max_gap_s, target)] += 1
         alive.clear()
-        node.kill()
+        if graceful:
+            if node.stop() != 0:
+                findings.problems.append("the node did not exit cleanly on SIGTERM")
+        else:
+            node.kill()
         node.start()
         alive.set()
     stop.set()
@@ -169,8 +179,15 @@ def crash_safety(root: Path, pacs: LocalOrthanc, model: Path, *, kills: int, t1_
     except Exception as exc:  # noqa: BLE001 - reported as a finding, the checks below still run
         findings.problems.append(str(exc))
     check_outcome(node, db, pacs, ledger, sent, findings)
-    findings.figures.update({"kills survived": kills, "kills by stage": dict(stages), "studies": len(sent),
+    findings.figures.update({("restarts" if graceful else "kills survived"): kills,
+                             ("restarts by stage" if graceful else "kills by stage"): dict(stages), "studies": len(sent),
                              "node starts": node.starts, "peak memory (MB)": node.peak_rss_kb // 1024})
+    if graceful:
+        with db.sessions() as session:
+            cut = session.execute(select(func.count(), func.coalesce(func.sum(AssociationLog.instances_stored), 0))
+                                  .where(AssociationLog.reason.like("aborted by the node stopping%"))).one()
+        findings.figures["associations aborted by a stop"] = int(cut[0])
+        findings.figures["instances acknowledged in them (all kept)"] = int(cut[1])
     node.stop()
     db.engine.dispose()
     return findings
