@@ -9,7 +9,7 @@ that every receiver meets the same machine (page-cache write-back, other load).
 Each round sends the same instances to:
 
 - DCMTK's ``storescp`` (writing files, no fsync: DCMTK never fsyncs), the reference;
-- the node's :class:`~dicom_node.server.StorageServer` (spool + SQLite database,
+- the node's :class:`~dicom_node.net.scp.StorageServer` (spool + SQLite database,
   everything the C-STORE handler does in production) on each DIMSE path
   (``network.dimse_path``): ``lean`` (the node parses P-DATA itself) and
   ``public`` (pynetdicom's public API: ``EVT_C_STORE`` with
@@ -48,10 +48,11 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from dicom_node.cli.localpacs import free_port, wait_for
 from dicom_node.db.session import CHECKPOINT_INTERVAL_S, checkpoint, open_database
-from dicom_node.ingest import Recorder, Spool
-from dicom_node.localpacs import free_port, wait_for
-from dicom_node.server import StorageServer
+from dicom_node.ingest.recorder import Recorder
+from dicom_node.ingest.spool import Spool
+from dicom_node.net.scp import StorageServer
 from dicom_node.settings import load_settings
 
 STORESCU = "/usr/bin/storescu"

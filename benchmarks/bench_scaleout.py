@@ -42,9 +42,9 @@ from kombu import Connection
 from sqlalchemy import create_engine, select, text
 
 from dicom_node.app import Node
+from dicom_node.cli.localpacs import wait_for
 from dicom_node.db.models import Run
 from dicom_node.db.session import upgrade
-from dicom_node.localpacs import wait_for
 from dicom_node.settings import PROJECT_ROOT, Settings, load_settings
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from dicom_node.localpacs import LocalOrthanc
+from dicom_node.cli.localpacs import LocalOrthanc
 from model.inference import init_demo_model
 from tests.chaos.pdu_fuzz import pdu_fuzz
 from tests.chaos.scenarios import (

@@ -10,84 +10,28 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session, sessionmaker
-
 from dicom_node.db.session import open_database
-from dicom_node.executor_process import ProcessExecutor
-from dicom_node.executors import CeleryExecutor, LocalExecutor, RunExecutor
-from dicom_node.ingest import Recorder, Spool
-from dicom_node.notes_store import make_notes_source
+from dicom_node.ingest.reconcile import reconcile_spool
+from dicom_node.ingest.recorder import Recorder
+from dicom_node.ingest.spool import Spool
+from dicom_node.net.scp import StorageServer
+from dicom_node.runs.context import build_run_context
+from dicom_node.runs.executors import CeleryExecutor, LocalExecutor, RunExecutor
+from dicom_node.runs.processes import ProcessExecutor
 from dicom_node.scheduler import Scheduler
-from dicom_node.server import StorageServer
 from dicom_node.settings import Settings
-from dicom_node.spool_reconcile import reconcile_spool
 from pipeline.errors import NodeError
 
 if TYPE_CHECKING:
-    from dicom_node.processing import RunContext
+    from dicom_node.runs.context import RunContext
     from model.inference import Predictor
-    from pipeline.preprocess import PreprocessConfig
-    from pipeline.select import SelectionRules
+
 
 logger = logging.getLogger(__name__)
 
-
-def series_rules(settings: Settings) -> SelectionRules:
-    """The series-selection rules the settings point at (``processing.series_rules``).
-
-    Raises
-    ------
-    ConfigError
-        If the rules file is missing or malformed.
-    """
-    from pipeline.select import load_rules
-
-    return load_rules(settings.series_rules_path)
-
-
-def preprocess_config(settings: Settings) -> PreprocessConfig:
-    """The preprocessing settings and QC limits of runs (``processing.registration``, ``processing.n4``)."""
-    from pipeline.preprocess import PreprocessConfig
-
-    return PreprocessConfig(registration=settings.processing.registration, n4=settings.processing.n4)
-
-
-def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> RunContext:
-    """Load the models and the rules: what :func:`~dicom_node.processing.process_run` needs.
-
-    The node's model and the model of each profile that names one
-    (``network.profiles[].model_path``), each directory loaded once.
-
-    Called once per process that processes runs (each worker process of the
-    local executor, the node itself with ``processing.isolation = "thread"``,
-    each Celery worker process).
-    """
-    from dicom_node.processing import RunContext
-    from model.inference import Predictor
-
-    predictor = Predictor.load(settings.model_path, device=settings.model.device)
-    loaded = {settings.model_path.resolve(): predictor}
-    profile_predictors: dict[str, Predictor] = {}
-    for profile in settings.network.profiles:
-        if profile.model_path:
-            path = Path(profile.model_path).resolve()
-            if path not in loaded:
-                loaded[path] = Predictor.load(path, device=settings.model.device)
-            profile_predictors[profile.ae_title] = loaded[path]
-            logger.info("profile %s uses model %s", profile.ae_title, loaded[path].info.name)
-    return RunContext(
-        settings=settings,
-        sessions=sessions,
-        predictor=predictor,
-        profile_predictors=profile_predictors,
-        rules=series_rules(settings),
-        preprocess_config=preprocess_config(settings),
-        notes=make_notes_source(settings.notes, sessions),
-    )
 
 
 class Node:
@@ -97,7 +41,7 @@ class Node:
     validated settings; a wrong model path stops start-up with a clear error.
     By default (``processing.isolation = "process"``) runs are processed by
     ``processing.workers`` worker processes of the node, each with its own
-    model (:mod:`dicom_node.executor_process`): the node waits here until
+    model (:mod:`dicom_node.runs.processes`): the node waits here until
     they are ready, and :attr:`context` and :attr:`predictor` stay None.  With
     ``"thread"`` the node loads the model itself and processes runs in
     threads.  With ``processing.executor = "celery"`` the node only receives,
@@ -148,14 +92,14 @@ class Node:
                 raise NodeError("this node only receives (executor celery): runs are processed by "
                                 "`dicom-node worker`")
             raise NodeError("runs are processed by the node's worker processes (processing.isolation = 'process')")
-        from dicom_node.processing import process_run
+        from dicom_node.runs.processing import process_run
 
         process_run(run_id, self.context)
 
     def start(self) -> None:
         """Reconcile the spool with the database, then start processing and listening.
 
-        Reconciliation (:func:`~dicom_node.spool_reconcile.reconcile_spool`) runs
+        Reconciliation (:func:`~dicom_node.ingest.reconcile.reconcile_spool`) runs
         before the listener opens: spool files without rows are recorded, rows
         without files marked, so that everything acknowledged before a stop is
         processed now.
@@ -194,3 +138,4 @@ class Node:
         self.start()
         stop_requested.wait()
         self.stop()
+

@@ -11,11 +11,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.completeness import complete_quiet_series, create_runs
 from dicom_node.db.models import Run, RunState
 from dicom_node.db.session import CHECKPOINT_INTERVAL_S, checkpoint
-from dicom_node.delivery import deliver_due
-from dicom_node.executors import LocalExecutor, RunExecutor
+from dicom_node.ingest.completeness import complete_quiet_series, create_runs
+from dicom_node.outbox.delivery import deliver_due
+from dicom_node.runs.executors import LocalExecutor, RunExecutor
 from dicom_node.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ class Scheduler:
     sessions : sessionmaker
         Database sessions.
     executor : RunExecutor or callable
-        Where queued runs go (:class:`~dicom_node.executors.LocalExecutor`,
-        :class:`~dicom_node.executors.CeleryExecutor`); a callable
+        Where queued runs go (:class:`~dicom_node.runs.executors.LocalExecutor`,
+        :class:`~dicom_node.runs.executors.CeleryExecutor`); a callable
         ``execute(run_id)`` gets a local pool of ``processing.workers`` threads.
     """
 

@@ -80,7 +80,7 @@ class NetworkSettings(_Section):
     #: On SIGTERM: how long associations in flight may go on before they are aborted.
     shutdown_grace_s: float = Field(10.0, ge=0)
     tcp_nodelay: bool = True
-    #: How C-STORE requests are received: "lean" (the node parses P-DATA itself, :mod:`dicom_node.edge_dimse`)
+    #: How C-STORE requests are received: "lean" (the node parses P-DATA itself, :mod:`dicom_node.net.dimse`)
     #: or "public" (pynetdicom's public API only: ``EVT_C_STORE`` with ``STORE_RECV_CHUNKED_DATASET``).
     dimse_path: Literal["lean", "public"] = "lean"
     tls: TLSSettings = TLSSettings()

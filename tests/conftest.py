@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.cli.localpacs import LocalOrthanc
 from dicom_node.db.session import Database, open_database
-from dicom_node.localpacs import LocalOrthanc
 from dicom_node.settings import Settings, load_settings
 from model.inference import init_demo_model
 

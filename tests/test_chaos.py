@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.localpacs import LocalOrthanc
+from dicom_node.cli.localpacs import LocalOrthanc
 from model.inference import init_demo_model
 from tests.chaos.pdu_fuzz import pdu_fuzz
 from tests.chaos.scenarios import (

@@ -19,8 +19,8 @@ import pytest
 from matplotlib.image import imread
 from pydicom import dcmread
 
-from dicom_node.cli import main
-from dicom_node.cli_check import CheckUsageError, png_name, run_check
+from dicom_node.cli.check import CheckUsageError, png_name, run_check
+from dicom_node.cli.main import main
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 from tests.conftest import make_settings
 

@@ -25,10 +25,11 @@ from pydicom.uid import UID, AllTransferSyntaxes, generate_uid
 from pynetdicom import AE, evt
 
 from dicom_node.db.session import open_database
-from dicom_node.ingest import Recorder, Spool
-from dicom_node.requestor import associate
-from dicom_node.sender import echo, send_file
-from dicom_node.server import StorageServer
+from dicom_node.ingest.recorder import Recorder
+from dicom_node.ingest.spool import Spool
+from dicom_node.net.requestor import associate
+from dicom_node.net.scp import StorageServer
+from dicom_node.net.scu import echo, send_file
 from dicom_node.settings import Destination, Settings
 from tests.conftest import make_settings
 

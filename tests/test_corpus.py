@@ -43,10 +43,11 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
-from dicom_node.app import Node, preprocess_config
-from dicom_node.cli import run_record
+from dicom_node.app import Node
+from dicom_node.cli.localpacs import LocalOrthanc, wait_for
+from dicom_node.db.audit import run_record
 from dicom_node.db.models import Instance, Run, RunState, Series, Study
-from dicom_node.localpacs import LocalOrthanc, wait_for
+from dicom_node.runs.context import preprocess_config
 from pipeline.convert import convert_series
 from pipeline.errors import NodeError, Outcome
 from tests.conftest import require_tool

@@ -192,8 +192,8 @@ def _record_series(engine: Engine) -> None:
     from sqlalchemy.orm import sessionmaker
 
     from dicom_node.db.models import Instance, Series
-    from dicom_node.ingest import Peer, Prior, Recorder
-    from dicom_node.ingest_identity import InstanceIdentity
+    from dicom_node.ingest.identity import InstanceIdentity
+    from dicom_node.ingest.recorder import Peer, Prior, Recorder
 
     recorder = Recorder(sessionmaker(engine))
     peer = Peer("SCANNER", "127.0.0.1:104")

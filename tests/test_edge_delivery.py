@@ -12,12 +12,11 @@ from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
-from dicom_node import cli
-from dicom_node.db.models import Delivery, Run, RunState, Study
+from dicom_node.cli.localpacs import LocalOrthanc, free_port, wait_for
+from dicom_node.cli.main import main as cli
+from dicom_node.db.models import Delivery, Run, RunState, Study, utcnow
 from dicom_node.db.session import Database, open_database
-from dicom_node.delivery import deliver_due, list_deliveries, retry_deliveries
-from dicom_node.ingest import utcnow
-from dicom_node.localpacs import LocalOrthanc, free_port, wait_for
+from dicom_node.outbox.delivery import deliver_due, list_deliveries, retry_deliveries
 from dicom_node.settings import Settings
 from dicom_node.statuses import FailureClass
 from tests.conftest import make_settings

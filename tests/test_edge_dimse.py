@@ -17,7 +17,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
 from dicom_node.db.models import Instance
-from dicom_node.edge_dimse import (
+from dicom_node.net.dimse import (
     ProtocolError,
     StoreAssembler,
     StoreRequest,
@@ -25,8 +25,8 @@ from dicom_node.edge_dimse import (
     encode_store_response,
     p_data_pdus,
 )
-from dicom_node.edge_fastpath import PYNETDICOM_ASSOCIATION_INTERNALS, PYNETDICOM_DUL_INTERNALS
-from dicom_node.requestor import associate
+from dicom_node.net.reactors import PYNETDICOM_ASSOCIATION_INTERNALS, PYNETDICOM_DUL_INTERNALS
+from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
 from tests.test_edge_ingest import edge_server, mr_series
@@ -173,10 +173,10 @@ def test_mixed_association_through_the_lean_path(tmp_path: Path) -> None:
 
 
 def test_pynetdicom_internals_the_edge_relies_on_are_there(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Every private pynetdicom attribute of :mod:`dicom_node.edge_fastpath` exists on a real acceptor association.
+    """Every private pynetdicom attribute of :mod:`dicom_node.net.reactors` exists on a real acceptor association.
 
     A pynetdicom upgrade that renames one fails here, not silently in production
-    (where :func:`~dicom_node.edge_fastpath.install` would fall back to pynetdicom's unbounded loops).
+    (where :func:`~dicom_node.net.reactors.install` would fall back to pynetdicom's unbounded loops).
     """
     seen: list[tuple[bool, bool]] = []
 

@@ -21,14 +21,15 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from sqlalchemy import create_engine, func, select, text, update
 
-from dicom_node import ingest
-from dicom_node.completeness import complete_quiet_series, create_runs
+from dicom_node.cli.localpacs import LocalOrthanc, wait_for
 from dicom_node.db.models import AssociationLog, Instance, Run, Series, Study
 from dicom_node.db.session import make_engine
-from dicom_node.ingest import Recorder, Spool
-from dicom_node.localpacs import LocalOrthanc, wait_for
-from dicom_node.requestor import associate
-from dicom_node.spool_reconcile import reconcile_spool
+from dicom_node.ingest.completeness import complete_quiet_series, create_runs
+from dicom_node.ingest.reconcile import reconcile_spool
+from dicom_node.ingest.recorder import Recorder
+from dicom_node.ingest.recorder import recorder as ingest
+from dicom_node.ingest.spool import Spool
+from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
 from pipeline.errors import Outcome
 from tests.conftest import POSTGRES_URL, make_settings

@@ -25,8 +25,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.edge_header import TruncatedDataSetError, check_extent, scan_elements
-from dicom_node.ingest_identity import RejectedInstance, decode_dataset, identify, is_lossy, read_identity
+from dicom_node.ingest.header import TruncatedDataSetError, check_extent, scan_elements
+from dicom_node.ingest.identity import RejectedInstance, decode_dataset, identify, is_lossy, read_identity
 
 WANTED = frozenset(int(Tag(k)) for k in ("SpecificCharacterSet", "PatientName", "PatientID", "StudyInstanceUID",
                                          "SeriesInstanceUID", "SOPInstanceUID", "Modality", "StudyDate",

@@ -22,14 +22,15 @@ from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.completeness import complete_quiet_series, create_runs
-from dicom_node.db.models import AssociationLog, Instance, Rejection, Run, RunState, Series, Study
+from dicom_node.cli.localpacs import wait_for
+from dicom_node.db.models import AssociationLog, Instance, Rejection, Run, RunState, Series, Study, utcnow
 from dicom_node.db.session import open_database
-from dicom_node.edge_access import destinations_for
-from dicom_node.ingest import Recorder, Spool, utcnow
-from dicom_node.localpacs import wait_for
-from dicom_node.requestor import associate
-from dicom_node.server import StorageServer
+from dicom_node.ingest.completeness import complete_quiet_series, create_runs
+from dicom_node.ingest.recorder import Recorder
+from dicom_node.ingest.spool import Spool
+from dicom_node.net.access import destinations_for
+from dicom_node.net.requestor import associate
+from dicom_node.net.scp import StorageServer
 from dicom_node.settings import Settings
 from dicom_node.statuses import StoreStatus
 from pipeline.synth import StudyHeader, write_mr_series
@@ -305,7 +306,7 @@ def test_duplicate_policy(tmp_path: Path, policy: str) -> None:
 def _sha(path: Path) -> str:
     import hashlib
 
-    from dicom_node.ingest import part10_header
+    from dicom_node.ingest.spool import part10_header
 
     ds = dcmread(path)
     raw = path.read_bytes()

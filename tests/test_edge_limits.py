@@ -36,9 +36,9 @@ from pynetdicom import AE, _config, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from dicom_node.cli.localpacs import wait_for
 from dicom_node.db.models import AssociationLog, Instance, Rejection
-from dicom_node.localpacs import wait_for
-from dicom_node.requestor import associate
+from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
 from tests.test_edge_ingest import echoscu, edge_server, mr_series, no_patient_data_in_logs, storescu

@@ -22,10 +22,10 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 from sqlalchemy import select
 
+from dicom_node.cli.localpacs import wait_for
 from dicom_node.db.models import Instance, Rejection
-from dicom_node.localpacs import wait_for
-from dicom_node.requestor import associate
-from dicom_node.server import StorageServer
+from dicom_node.net.requestor import associate
+from dicom_node.net.scp import StorageServer
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
 from tests.test_edge_ingest import edge_server, ended, mr_series, no_patient_data_in_logs, storescu

@@ -28,7 +28,7 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from dicom_node.db.models import Instance
-from dicom_node.requestor import associate
+from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
 from pipeline.convert import convert_series
 from tests.conftest import make_settings, require_tool

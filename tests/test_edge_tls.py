@@ -9,9 +9,9 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from dicom_node.cli.localpacs import free_port, wait_for
 from dicom_node.db.models import AssociationLog, Instance
-from dicom_node.localpacs import free_port, wait_for
-from dicom_node.sender import echo, send_file
+from dicom_node.net.scu import echo, send_file
 from dicom_node.statuses import FailureClass
 from tests.conftest import make_settings, require_tool
 from tests.test_edge_ingest import echoscu, edge_server, mr_series, no_patient_data_in_logs, storescu

@@ -12,10 +12,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_node.app import Node
-from dicom_node.cli import STAGES, run_record
-from dicom_node.db.models import Run, RunState, Study
-from dicom_node.ingest import utcnow
-from dicom_node.localpacs import LocalOrthanc, wait_for
+from dicom_node.cli.localpacs import LocalOrthanc, wait_for
+from dicom_node.db.audit import STAGES, run_record
+from dicom_node.db.models import Run, RunState, Study, utcnow
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 from tests.conftest import require_tool
 from tests.support.node import dciodvfy_errors, finished_run, node_settings, received_sr, send

@@ -21,9 +21,9 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.app import Node
+from dicom_node.cli.localpacs import free_port, wait_for
 from dicom_node.db.models import Run, RunState
-from dicom_node.executor_process import ProcessExecutor
-from dicom_node.localpacs import free_port, wait_for
+from dicom_node.runs.processes import ProcessExecutor
 from dicom_node.settings import Settings
 from model.inference import init_demo_model
 from pipeline.errors import NodeError

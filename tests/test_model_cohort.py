@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from dicom_node.cli import main
+from dicom_node.cli.main import main
 from model.cohort import CLASS_PROPORTIONS, Anatomy, anatomy, draw_labels
 
 FORBIDDEN = re.compile(r"\b(AD|MCI|CN)\b|alzheimer|dementia|cognitively normal|impairment|diagnos", re.IGNORECASE)

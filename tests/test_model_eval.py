@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.cli import main
+from dicom_node.cli.main import main
 from model.cohort import CohortConfig, generate_cohort
 from model.evaluate import classification_metrics, format_table
 from model.train import TrainConfig, train

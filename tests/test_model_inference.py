@@ -106,8 +106,8 @@ def test_unavailable_device_is_refused(demo_dir: Path) -> None:
 
 
 def test_profiles_with_their_own_model_directory_load_each_directory_once(tmp_path: Path) -> None:
-    from dicom_node.app import build_run_context
     from dicom_node.db.session import open_database
+    from dicom_node.runs.context import build_run_context
     from tests.conftest import make_settings
 
     main = init_demo_model(tmp_path / "main", trained=False, seed=1)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from dicom_node.db.notes import ExternalNotes, NodeNotes, make_notes_source
 from dicom_node.db.session import Database
-from dicom_node.notes_store import ExternalNotes, NodeNotes, make_notes_source
 from dicom_node.settings import Settings, load_settings
 from pipeline.errors import ConfigError
 from pipeline.notes import choose_notes

@@ -20,10 +20,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node import processing, reports
-from dicom_node.cli import run_record
+from dicom_node.db.audit import run_record
 from dicom_node.db.models import Run, RunState
-from dicom_node.processing import process_run
+from dicom_node.outbox import objects as reports
+from dicom_node.runs import processing as processing
+from dicom_node.runs.processing import process_run
 from model.inference import Predictor
 from pipeline.errors import ConfigError, NodeError, Outcome, audit_traceback
 from pipeline.preprocess import Preprocessed
@@ -62,7 +63,7 @@ def preprocessed(*_: Any, **__: Any) -> Preprocessed:
                         registered=None)
 
 
-#: Stage -> what to patch in ``dicom_node.processing`` so that exactly this stage raises ``ValueError(BOOM)``.
+#: Stage -> what to patch in ``dicom_node.runs.processing`` so that exactly this stage raises ``ValueError(BOOM)``.
 BREAKS: dict[str, dict[str, Callable[..., Any]]] = {
     "selected": {"select_series": boom},
     "converted": {"convert_series": boom},

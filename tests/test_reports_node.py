@@ -22,10 +22,9 @@ from matplotlib.image import imread
 from sqlalchemy import select
 
 from dicom_node.app import Node
-from dicom_node.cli import run_record
-from dicom_node.db.models import Delivery, DeliveryState, Run, Study
-from dicom_node.ingest import utcnow
-from dicom_node.localpacs import LocalOrthanc, wait_for
+from dicom_node.cli.localpacs import LocalOrthanc, wait_for
+from dicom_node.db.audit import run_record
+from dicom_node.db.models import Delivery, DeliveryState, Run, Study, utcnow
 from model.inference import init_demo_model
 from model.types import CLASSES
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series

@@ -23,13 +23,14 @@ import pytest
 from pydicom import Dataset
 from sqlalchemy import select
 
-from dicom_node import processing, reports
-from dicom_node.cli import run_record
-from dicom_node.db.models import Delivery, Instance, Run, RunState, Series, Study
+from dicom_node.db.audit import run_record
+from dicom_node.db.models import Delivery, Instance, Run, RunState, Series, Study, utcnow
 from dicom_node.db.session import open_database
-from dicom_node.ingest import utcnow
-from dicom_node.processing import RunContext, process_run
-from dicom_node.reports import INVALID_SUFFIX, key_slices
+from dicom_node.outbox import objects as reports
+from dicom_node.outbox.objects import INVALID_SUFFIX, key_slices
+from dicom_node.runs import processing as processing
+from dicom_node.runs.context import RunContext
+from dicom_node.runs.processing import process_run
 from model.inference import Predictor
 from model.types import ModelInfo, Prediction
 from pipeline.errors import NotAnalysed, Outcome

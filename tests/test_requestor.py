@@ -19,8 +19,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.localpacs import free_port, wait_for
-from dicom_node.requestor import associate, checkpoint
+from dicom_node.cli.localpacs import free_port, wait_for
+from dicom_node.net.requestor import associate, checkpoint
 
 GAP_TIMEOUT_S = 10
 
@@ -121,7 +121,7 @@ def test_stock_reactor_loses_the_response_in_the_same_gap(echo_scp: int) -> None
     """The control: pynetdicom 3's own reactor takes the response, the call times out and aborts.
 
     If this fails after a pynetdicom upgrade, the upstream race is fixed and
-    :mod:`dicom_node.requestor` may go.
+    :mod:`dicom_node.net.requestor` may go.
     """
     assoc = _requestor(echo_scp, race_free=False)
     response = _echo_through_the_gap(assoc)

@@ -17,22 +17,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from dicom_node.app import Node
-from dicom_node.celery_app import WorkerRuntime, handle_run
-from dicom_node.cli import build_parser, settings_from_args
-from dicom_node.db.models import Run, RunState, Study
+from dicom_node.cli.main import build_parser, settings_from_args
+from dicom_node.db.models import Run, RunState, Study, utcnow
 from dicom_node.db.session import open_database, upgrade
-from dicom_node.executors import (
+from dicom_node.runs.celery import WorkerRuntime, handle_run
+from dicom_node.runs.claims import (
     ATTEMPT_LIMIT,
     ENQUEUED,
     MAX_ATTEMPTS,
-    CeleryExecutor,
     ClaimRefusedError,
     RunLocks,
     claim_run,
     lock_key,
     worker_id,
 )
-from dicom_node.ingest import utcnow
+from dicom_node.runs.executors import CeleryExecutor
 from pipeline.errors import ConfigError, NodeError
 from tests.conftest import POSTGRES_URL, make_settings
 
@@ -177,13 +176,13 @@ def test_worker_task_acknowledges_ended_runs_and_retries_held_ones(tmp_path: Pat
     settings = make_settings(tmp_path, **{"database.url": pg_url, "processing.executor": "celery"})
     runtime = WorkerRuntime(settings)
     processed: list[str] = []
-    monkeypatch.setattr("dicom_node.app.build_run_context", lambda settings, sessions: _FakeContext())
+    monkeypatch.setattr("dicom_node.runs.context.build_run_context", lambda settings, sessions: _FakeContext())
 
     def fake_process_run(run_id: str, _ctx: object) -> None:
         claim_run(sessions, run_id)
         processed.append(run_id)
 
-    monkeypatch.setattr("dicom_node.processing.process_run", fake_process_run)
+    monkeypatch.setattr("dicom_node.runs.processing.process_run", fake_process_run)
     ended = add_run(sessions, RunState.NOT_ANALYSED, attempts=1)
     queued = add_run(sessions, claimed_by=ENQUEUED)
     held = add_run(sessions, RunState.RUNNING, attempts=1, claimed_by="elsewhere:1:alive")

@@ -24,8 +24,8 @@ from benchmarks.bench_scaleout import (
     write_study,
 )
 from dicom_node.app import Node
+from dicom_node.cli.localpacs import LocalOrthanc, wait_for
 from dicom_node.db.models import Delivery, Run, Study
-from dicom_node.localpacs import LocalOrthanc, wait_for
 from model.inference import init_demo_model
 from tests.conftest import require_tool
 

@@ -16,9 +16,10 @@ from sqlalchemy import select
 
 from dicom_node.db.models import Instance, Rejection, Series, Study
 from dicom_node.db.session import Database
-from dicom_node.ingest import Recorder, Spool
-from dicom_node.requestor import associate
-from dicom_node.server import StorageServer
+from dicom_node.ingest.recorder import Recorder
+from dicom_node.ingest.spool import Spool
+from dicom_node.net.requestor import associate
+from dicom_node.net.scp import StorageServer
 from dicom_node.settings import Settings
 from dicom_node.statuses import StoreStatus
 from pipeline.errors import ConfigError

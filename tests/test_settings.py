@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.cli import build_parser, settings_from_args
+from dicom_node.cli.main import build_parser, settings_from_args
 from dicom_node.settings import DEFAULT_CONFIG, load_settings
 from pipeline.errors import ConfigError
 

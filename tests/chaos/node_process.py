@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicom_node.localpacs import LocalOrthanc, free_port, wait_for
-from dicom_node.localpacs import echo_ok as local_echo_ok
+from dicom_node.cli.localpacs import LocalOrthanc, free_port, wait_for
+from dicom_node.cli.localpacs import echo_ok as local_echo_ok
 
 SCANNER_AE = "CHAOS_SCANNER"
 NODE_AE = "AD_NODE"

@@ -48,9 +48,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageS
 from sqlalchemy import func
 from sqlalchemy import select as sql_select
 
+from dicom_node.cli.localpacs import LocalOrthanc
 from dicom_node.db.models import AssociationLog, Instance
 from dicom_node.db.session import Database
-from dicom_node.localpacs import LocalOrthanc
 from tests.chaos.fuzz import base_dataset
 from tests.chaos.node_process import NODE_AE, SCANNER_AE, NodeProcess, echo_ok
 from tests.chaos.scenarios import Findings, node_db

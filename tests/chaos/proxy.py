@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 
-from dicom_node.localpacs import free_port
+from dicom_node.cli.localpacs import free_port
 
 
 class CuttableProxy:

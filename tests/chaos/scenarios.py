@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from dicom_node.cli.localpacs import LocalOrthanc, wait_for
 from dicom_node.db.models import AssociationLog, Delivery, DeliveryState, Instance, Run, RunState, Study
 from dicom_node.db.session import Database, open_database
-from dicom_node.edge_assoc import Outcome
-from dicom_node.localpacs import LocalOrthanc, wait_for
+from dicom_node.net.associations import Outcome
 from tests.chaos.fuzz import generate
 from tests.chaos.node_process import NodeProcess, echo_ok
 from tests.chaos.traffic import Ledger, make_study, send_files, send_until_acked
@@ -180,7 +180,8 @@ def crash_safety(root: Path, pacs: LocalOrthanc, model: Path, *, kills: int, t1_
         findings.problems.append(str(exc))
     check_outcome(node, db, pacs, ledger, sent, findings)
     findings.figures.update({("restarts" if graceful else "kills survived"): kills,
-                             ("restarts by stage" if graceful else "kills by stage"): dict(stages), "studies": len(sent),
+                             ("restarts by stage" if graceful else "kills by stage"): dict(stages),
+                             "studies": len(sent),
                              "node starts": node.starts, "peak memory (MB)": node.peak_rss_kb // 1024})
     if graceful:
         with db.sessions() as session:

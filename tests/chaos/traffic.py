@@ -14,7 +14,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import MRImageStorage
 from pynetdicom import AE, _config
 
-from dicom_node.requestor import associate
+from dicom_node.net.requestor import associate
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 from tests.chaos.node_process import NODE_AE, SCANNER_AE
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dicom_node.app import Node
+from dicom_node.cli.localpacs import LocalOrthanc, wait_for
 from dicom_node.db.models import Run
-from dicom_node.localpacs import LocalOrthanc, wait_for
 from dicom_node.settings import Settings
 from tests.conftest import make_settings, require_tool
 

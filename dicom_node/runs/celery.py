@@ -1,8 +1,8 @@
 """The Celery application of the node, built from the settings (never at import time).
 
 The listener publishes a run id to a queue; a worker (``dicom-node worker``)
-runs :func:`handle_run`, i.e. :func:`dicom_node.processing.process_run` under
-the run's lock (see :mod:`dicom_node.executors` for the claim protocol).
+runs :func:`handle_run`, i.e. :func:`dicom_node.runs.processing.process_run` under
+the run's lock (see :mod:`dicom_node.runs.executors` for the claim protocol).
 
 Delivery guarantees come from the configuration: late acknowledgement
 (``task_acks_late``) and ``task_reject_on_worker_lost``, so that a worker
@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery, Task
 
 from dicom_node.db.session import Database, open_database
-from dicom_node.executors import BUSY_RETRY_S, ClaimRefusedError, RunLocks, require_shared_database, run_guarded
+from dicom_node.runs.claims import BUSY_RETRY_S, ClaimRefusedError, RunLocks, require_shared_database, run_guarded
 from dicom_node.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ class WorkerRuntime:
     def get(self) -> _Loaded:
         """This process's runtime (built on first call)."""
         if self._loaded is None or self._pid != os.getpid():
-            from dicom_node.app import build_run_context
-            from dicom_node.processing import process_run
+            from dicom_node.runs.context import build_run_context
+            from dicom_node.runs.processing import process_run
 
             settings = self.settings
             for directory in (settings.work_dir, settings.outbox_dir):

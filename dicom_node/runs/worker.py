@@ -1,4 +1,4 @@
-"""What runs inside a worker process of the local executor (see :mod:`dicom_node.executor_process`).
+"""What runs inside a worker process of the local executor (see :mod:`dicom_node.runs.processes`).
 
 :func:`worker_main` is the process's target: it makes the process die with
 the node (:func:`die_with_parent`), applies the node's logging
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from types import FrameType
 
-from dicom_node.executors import ClaimRefusedError, run_guarded, worker_id
+from dicom_node.runs.claims import ClaimRefusedError, run_guarded, worker_id
 from dicom_node.settings import Settings
 from pipeline.errors import NodeError
 
@@ -134,9 +134,9 @@ def worker_main(conn: Connection, settings: Settings, log_config: LogConfig, par
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # like ``dicom-node serve``: stacks to stderr
     log_config.apply()
     try:
-        from dicom_node.app import build_run_context
         from dicom_node.db.session import open_database
-        from dicom_node.processing import process_run
+        from dicom_node.runs.context import build_run_context
+        from dicom_node.runs.processing import process_run
 
         for directory in (settings.work_dir, settings.outbox_dir):
             directory.mkdir(parents=True, exist_ok=True)

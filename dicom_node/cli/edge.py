@@ -1,6 +1,6 @@
 """``dicom-node echo`` and ``dicom-node deliveries list|retry``: the network edge's commands.
 
-Registered in :data:`dicom_node.cli.EXTENSIONS`.
+Registered in :data:`dicom_node.cli.main.EXTENSIONS`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _status(value: int | None) -> str:
 def dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
     """Run ``echo`` or ``deliveries``; None for any other command."""
     if args.command == "echo":
-        from dicom_node.sender import echo
+        from dicom_node.net.scu import echo
 
         result = echo(settings.destination(args.destination), settings)
         outcome = f"status {_status(result.status)}" if result.status is not None else f"failed ({result.error})"
@@ -43,7 +43,7 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
     if args.command != "deliveries":
         return None
     from dicom_node.db.session import open_database
-    from dicom_node.delivery import list_deliveries, retry_deliveries
+    from dicom_node.outbox.delivery import list_deliveries, retry_deliveries
 
     db = open_database(settings.database_url, migrate=False)
     try:

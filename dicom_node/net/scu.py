@@ -17,10 +17,10 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.requestor import associate
+from dicom_node.net.requestor import associate
+from dicom_node.net.tls import client_context
 from dicom_node.settings import Destination, Settings
 from dicom_node.statuses import FailureClass, RejectResult, classify_store_status, is_success, is_warning
-from dicom_node.tls import client_context
 
 logger = logging.getLogger(__name__)
 

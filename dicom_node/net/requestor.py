@@ -86,7 +86,7 @@ def _requestor_reactor(self: Any) -> None:
 def turn_ended(assoc: Any) -> bool:
     """The end of a reactor turn, after any message was served: True when the association is over (killed).
 
-    Shared by this module's requestor reactor and the acceptor's (:mod:`dicom_node.edge_fastpath`); the steps
+    Shared by this module's requestor reactor and the acceptor's (:mod:`dicom_node.net.reactors`); the steps
     are pynetdicom's: the peer's release request answered, an abort, the DUL gone, the network timeout.
     """
     if assoc.is_established and assoc.acse.is_release_requested():

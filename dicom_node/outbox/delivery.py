@@ -25,9 +25,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import Delivery, DeliveryState
-from dicom_node.ingest import utcnow
-from dicom_node.sender import SendResult, send_file
+from dicom_node.db.models import Delivery, DeliveryState, utcnow
+from dicom_node.net.scu import SendResult, send_file
 from dicom_node.settings import Destination, Settings
 from dicom_node.statuses import FailureClass
 from pipeline.errors import ConfigError

@@ -1,6 +1,6 @@
 """``dicom-node train``, ``dicom-node evaluate`` and ``dicom-node synth cohort``.
 
-Listed in :data:`dicom_node.cli.EXTENSIONS`; torch and the model code are imported
+Listed in :data:`dicom_node.cli.main.EXTENSIONS`; torch and the model code are imported
 only when one of these commands runs.
 """
 

@@ -1,6 +1,6 @@
 """The objects a run writes: SR and PDF, their UIDs, key slices and the validation gate.
 
-Called by :mod:`dicom_node.processing` at the end of every run.  The rules:
+Called by :mod:`dicom_node.runs.processing` at the end of every run.  The rules:
 
 - Every UID is derived from the run's identity (study, analysed series, input
   hash, model weights hash, plus the outcome of a "not analysed" run and the

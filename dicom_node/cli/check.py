@@ -14,7 +14,7 @@ least one study would not be analysed, 2 when no DICOM instance was found (or
 a path does not exist).  Only UIDs, series descriptions, modalities and counts
 are printed, never patient names or IDs.
 
-Registered in :data:`dicom_node.cli.EXTENSIONS`.
+Registered in :data:`dicom_node.cli.main.EXTENSIONS`.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def run_check(settings: Settings, paths: Sequence[Path], *, out_dir: Path = DEFA
     ConfigError
         If the selection rules cannot be loaded.
     """
-    from dicom_node.app import preprocess_config, series_rules
+    from dicom_node.runs.context import preprocess_config, series_rules
 
     rules = series_rules(settings)
     config = preprocess_config(settings)
@@ -325,7 +325,7 @@ def scan_paths(paths: Sequence[Path]) -> Scan:
 
 def _ingest_refusal(header: Dataset, accept_lossy: bool) -> str | None:
     """Why the node's Storage SCP would refuse this instance (as its C-STORE status); None if it would store it."""
-    from dicom_node.ingest_identity import RejectedInstance, identify, is_lossy
+    from dicom_node.ingest.identity import RejectedInstance, identify, is_lossy
 
     meta = getattr(header, "file_meta", None)
     sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or header.get("SOPClassUID", "") or "")
@@ -367,8 +367,11 @@ def _series_check(uid: str, items: Sequence[Instance], accept_lossy: bool) -> tu
 
 
 def _completeness(headers: Sequence[Dataset]) -> str | None:
-    """The node's content check of a series (why it is incomplete, or None), as in :mod:`dicom_node.completeness`."""
-    from dicom_node.completeness import evaluate_series
+    """The node's content check of a series (why it is incomplete, or None).
+
+    As in :mod:`dicom_node.ingest.completeness`.
+    """
+    from dicom_node.ingest.completeness import evaluate_series
 
     try:
         verdict = evaluate_series(headers)
@@ -390,9 +393,9 @@ def check_study(study_uid: str, by_series: dict[str, list[Instance]], rules: Sel
     by_series : dict of str to list of Instance
         The study's instances by SeriesInstanceUID.
     rules : SelectionRules
-        Series selection rules (:func:`dicom_node.app.series_rules`).
+        Series selection rules (:func:`dicom_node.runs.context.series_rules`).
     config : PreprocessConfig
-        Preprocessing settings and QC limits (:func:`dicom_node.app.preprocess_config`).
+        Preprocessing settings and QC limits (:func:`dicom_node.runs.context.preprocess_config`).
     settings : Settings
         For ``storage.accept_lossy``.
     out_dir : Path
@@ -426,7 +429,7 @@ def check_study(study_uid: str, by_series: dict[str, list[Instance]], rules: Sel
     study.stage_seconds["completeness"] = round(time.perf_counter() - start, 3)
     incomplete = [f"series {s.series_number if s.series_number is not None else '?'} "
                   f"({s.description or 'no description'}): {s.incomplete}" for s in study.series if s.incomplete]
-    if incomplete:  # as dicom_node.completeness.incomplete_reason words it
+    if incomplete:  # as dicom_node.ingest.completeness.incomplete_reason words it
         study.not_analysed(Outcome.INCOMPLETE_SERIES.value, "incomplete series: " + "; ".join(incomplete))
 
     start = time.perf_counter()
@@ -538,7 +541,7 @@ def write_key_slices(study: StudyCheck, registered: Any, config: PreprocessConfi
     """
     from matplotlib.figure import Figure
 
-    from dicom_node.reports import key_slices
+    from dicom_node.outbox.objects import key_slices
     from pipeline.preprocess import default_template_path
     from structured_reports.pdf import OUTLINE_CAPTION, draw_key_slice
 

@@ -35,8 +35,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import Instance, Run, RunState, Series, SeriesState, Study
-from dicom_node.ingest import utcnow
+from dicom_node.db.models import Instance, Run, RunState, Series, SeriesState, Study, utcnow
 from pipeline.errors import Outcome
 
 logger = logging.getLogger(__name__)

@@ -14,14 +14,18 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 
-from dicom_node import cli_check, cli_edge, cli_model, cli_worker
+from dicom_node.cli import check as cli_check
+from dicom_node.cli import edge as cli_edge
+from dicom_node.cli import model as cli_model
+from dicom_node.cli import worker as cli_worker
+from dicom_node.db.audit import fmt_value, run_record
 from dicom_node.db.models import ClinicalNote as NoteRow
-from dicom_node.db.models import Delivery, Run
-from dicom_node.ingest import utcnow
+from dicom_node.db.models import Run, utcnow
 from dicom_node.settings import Settings, load_settings
 from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)
+
 
 
 class CommandGroup(Protocol):
@@ -32,8 +36,11 @@ class CommandGroup(Protocol):
     def dispatch(self, args: argparse.Namespace, settings: Settings) -> int | None: ...
 
 
+
 #: Modules that add sub-commands (model training/evaluation, workers, the site check, ...).
 EXTENSIONS: tuple[CommandGroup, ...] = (cli_worker, cli_model, cli_edge, cli_check)
+
+
 
 #: CLI flag -> dotted settings key.
 OVERRIDES = {
@@ -48,6 +55,7 @@ OVERRIDES = {
     "workers": "processing.workers",
     "executor": "processing.executor",
 }
+
 
 
 def _common() -> argparse.ArgumentParser:
@@ -66,6 +74,7 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--executor", choices=["local", "celery"],
                         help="local: in-node workers; celery: enqueue to processing.broker_url for `dicom-node worker`")
     return common
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,10 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the file and environment, with the CLI flags on top."""
     overrides = {key: getattr(args, flag) for flag, key in OVERRIDES.items() if getattr(args, flag, None) is not None}
     return load_settings(args.config, overrides=overrides)
+
 
 
 def configure_logging(level: str) -> None:
@@ -105,13 +116,6 @@ def configure_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if hasattr(value, "isoformat"):
-        return str(value.isoformat(timespec="seconds"))
-    return str(value)
 
 
 def cmd_runs_list(settings: Settings, limit: int) -> None:
@@ -123,52 +127,9 @@ def cmd_runs_list(settings: Settings, limit: int) -> None:
         runs = session.scalars(select(Run).order_by(Run.created_at.desc()).limit(limit)).all()
         print(f"{'run':36}  {'created':19}  {'state':12}  {'class':5}  outcome")
         for run in runs:
-            print(f"{run.id:36}  {_fmt(run.created_at)[:19]:19}  {run.state:12}  {run.predicted_class or '-':5}  "
+            print(f"{run.id:36}  {fmt_value(run.created_at)[:19]:19}  {run.state:12}  {run.predicted_class or '-':5}  "
                   f"{run.outcome or '-'}")
 
-
-STAGES = ("created_at", "started_at", "selected_at", "converted_at", "preprocessed_at", "notes_joined_at",
-          "inferred_at", "report_built_at", "finished_at")
-
-
-def run_record(settings: Settings, run_id: str) -> dict[str, Any]:
-    """The audit record of one run as a JSON-friendly dict."""
-    from dicom_node.db.session import open_database
-
-    db = open_database(settings.database_url, migrate=False)
-    with db.sessions() as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise NodeError(f"no run {run_id}")
-        deliveries = session.scalars(select(Delivery).where(Delivery.run_id == run_id)).all()
-        return {
-            "run": run.id,
-            "state": run.state,
-            "outcome": run.outcome,
-            "reason": run.error_reason,
-            "error_stage": run.error_stage,
-            "error_traceback": run.error_traceback,
-            "stages": {name: _fmt(getattr(run, name)) for name in STAGES},
-            "stage_seconds": run.stage_seconds,
-            "series_instance_uid": run.series_instance_uid,
-            "series_selection": run.selection,
-            "input_sha256": run.input_sha256,
-            "quality_control": run.qc,
-            "notes_used": run.notes_used,
-            "model": {"name": run.model_name, "version": run.model_version, "weights_sha256": run.model_weights_sha256},
-            "probabilities": {"AD": run.prob_ad, "MCI": run.prob_mci, "CN": run.prob_cn},
-            "predicted_class": run.predicted_class,
-            "used_note": run.used_note,
-            "report_sop_instance_uid": run.report_sop_instance_uid,
-            "pdf_sop_instance_uid": run.pdf_sop_instance_uid,
-            "validation": run.validation_messages,
-            "deliveries": [
-                {"destination": d.destination, "object": d.object_kind, "state": d.state, "attempts": d.attempts,
-                 "last_status": None if d.last_status is None else f"0x{d.last_status:04X}",
-                 "last_error": d.last_error, "sent_at": _fmt(d.sent_at)}
-                for d in deliveries
-            ],
-        }
 
 
 def cmd_notes_import(settings: Settings, path: Path) -> int:
@@ -188,6 +149,7 @@ def cmd_notes_import(settings: Settings, path: Path) -> int:
     return len(notes)
 
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dicom-node``."""
     args = build_parser().parse_args(argv)
@@ -198,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NodeError as exc:
         print(f"dicom-node: error: {exc}", file=sys.stderr)
         return 2
+
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -229,11 +192,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         out = init_demo_model(args.out or settings.model_path)
         print(f"demonstration model written to {out}")
     elif args.command == "demo":
-        from dicom_node.demo import run_demo
+        from dicom_node.cli.demo import run_demo
 
         return run_demo(settings)
     return 0
 
 
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -36,9 +36,10 @@ from pydicom.filereader import read_file_meta_info
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.db.models import Instance, Series, SeriesState, Study
-from dicom_node.ingest import Peer, Recorder, Spool, fsync_directory, utcnow
-from dicom_node.ingest_identity import InvalidInstanceError, read_identity
+from dicom_node.db.models import Instance, Series, SeriesState, Study, utcnow
+from dicom_node.ingest.identity import InvalidInstanceError, read_identity
+from dicom_node.ingest.recorder import Peer, Recorder
+from dicom_node.ingest.spool import Spool, fsync_directory
 
 logger = logging.getLogger(__name__)
 

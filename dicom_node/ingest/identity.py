@@ -27,17 +27,29 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     EnhancedMRImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
     JPEGLSNearLossless,
     MRImageStorage,
+    RLELossless,
 )
 from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
 
-from dicom_node.edge_header import (
+from dicom_node.ingest.header import (
     KNOWN_VRS,
     TEXT_VRS,
     US_TAGS,
@@ -137,7 +149,7 @@ class Header:
     ----------
     source : Dataset or mapping
         The data set as read by :func:`decode_dataset` (raw, undecoded
-        elements), or the raw values found by :func:`~dicom_node.edge_header.scan_elements`.
+        elements), or the raw values found by :func:`~dicom_node.ingest.header.scan_elements`.
 
     Raises
     ------
@@ -361,7 +373,7 @@ def read_identity(raw: Buffer, transfer_syntax_uid: str, context_sop_class: str,
                   max_pixel_bytes: int | None = None) -> tuple[InstanceIdentity, bool]:
     """:func:`identify` and :func:`is_lossy` of an encoded data set, read in one pass when possible.
 
-    Little-endian data sets are scanned by :func:`~dicom_node.edge_header.scan_elements`;
+    Little-endian data sets are scanned by :func:`~dicom_node.ingest.header.scan_elements`;
     any other, or one the scan does not accept, is read by pydicom.  A
     deflated data set must have passed :func:`check_inflated_size`.
 
@@ -444,3 +456,23 @@ def is_lossy(ds: Dataset, transfer_syntax_uid: str) -> bool:
     JPEG 2000 and HTJ2K, which may be either).
     """
     return transfer_syntax_uid in _ALWAYS_LOSSY or str(ds.get("LossyImageCompression", "") or "").strip() == "01"
+
+
+#: Transfer syntaxes always negotiated: uncompressed, deflated and the lossless compressed ones.
+LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless, RLELossless, HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+)
+
+
+
+#: Negotiated only with ``storage.accept_lossy`` (JPEG 2000 and HTJ2K "either" syntaxes included).
+LOSSY_TRANSFER_SYNTAXES: tuple[str, ...] = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K)
+
+
+
+def transfer_syntaxes(accept_lossy: bool) -> list[str]:
+    """The transfer syntaxes the Storage SCP accepts, preferred first."""
+    return list(LOSSLESS_TRANSFER_SYNTAXES) + (list(LOSSY_TRANSFER_SYNTAXES) if accept_lossy else [])
+

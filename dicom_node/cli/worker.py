@@ -57,7 +57,7 @@ def run_worker(settings: Settings, *, queue: str | None = None, name: str | None
     """
     from celery.signals import worker_process_init, worker_process_shutdown
 
-    from dicom_node.celery_app import DEFAULT_QUEUE, WorkerRuntime, make_celery_app
+    from dicom_node.runs.celery import DEFAULT_QUEUE, WorkerRuntime, make_celery_app
 
     runtime = WorkerRuntime(settings)
     queue = queue or DEFAULT_QUEUE

@@ -11,223 +11,24 @@ costs one lookup and three small statements in one transaction.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import struct
 import threading
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydicom.uid import (
-    HTJ2K,
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.driver import DriverStatement, driver_transaction
-from dicom_node.db.models import Instance, Rejection, Series, SeriesState, Study
-from dicom_node.edge_header import Buffer
-from dicom_node.ingest_identity import InstanceIdentity, RejectedInstance
-from dicom_node.settings import Settings
-from dicom_node.statuses import StoreStatus
+from dicom_node.db.models import Instance, Rejection, Series, SeriesState, Study, utcnow
+from dicom_node.ingest.identity import InstanceIdentity
 from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-#: Transfer syntaxes always negotiated: uncompressed, deflated and the lossless compressed ones.
-LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless, RLELossless, HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-)
-#: Negotiated only with ``storage.accept_lossy`` (JPEG 2000 and HTJ2K "either" syntaxes included).
-LOSSY_TRANSFER_SYNTAXES: tuple[str, ...] = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K)
-
-
-def utcnow() -> datetime:
-    """Timezone-aware now (UTC)."""
-    return datetime.now(UTC)
-
-
-def transfer_syntaxes(accept_lossy: bool) -> list[str]:
-    """The transfer syntaxes the Storage SCP accepts, preferred first."""
-    return list(LOSSLESS_TRANSFER_SYNTAXES) + (list(LOSSY_TRANSFER_SYNTAXES) if accept_lossy else [])
-
-
-def _meta_element(tag_element: int, vr: bytes, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\x00" if vr in (b"UI", b"OB") else b" "
-    if vr == b"OB":
-        return struct.pack("<HH2sHI", 0x0002, tag_element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, tag_element, vr, len(value)) + value
-
-
-def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str) -> bytes:
-    """Preamble, ``DICM`` and File Meta Information of a received data set's file.
-
-    Built without a pydicom Dataset (this is on the C-STORE hot path); the
-    data set follows as received, in its transfer syntax.
-    """
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii")),
-        _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
-        _meta_element(0x0010, b"UI", transfer_syntax_uid.encode("ascii")),
-        _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
-        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
-        _meta_element(0x0016, b"AE", source_ae_title.encode("ascii", "replace")[:16]),
-    ))
-    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"".join((b"\x00" * 128, b"DICM", group_length, body))
-
-
-#: How long a measured free-space figure of the spool is trusted.
-FREE_SPACE_TTL_S = 0.5
-
-
-class Spool:
-    """The spool directory: ``<study uid>/<series uid>/<sop uid>.dcm``.
-
-    Parameters
-    ----------
-    root : Path
-        The spool directory (created).
-    fsync : bool
-        Flush each file to disk before it is recorded (``storage.fsync``).
-    quarantine : Path, optional
-        Where start-up reconciliation moves spool files it cannot record (same
-        layout; :mod:`dicom_node.spool_reconcile`).
-    """
-
-    def __init__(self, root: Path, *, fsync: bool = True, quarantine: Path | None = None) -> None:
-        self.root = root.resolve()
-        self.fsync = fsync
-        self.quarantine = (quarantine or self.root.parent / "quarantine").resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._dirs: set[Path] = set()
-        self._series_dirs: dict[tuple[str, str], Path] = {}
-        self._free_measured = 0
-        self._free_measured_at = -FREE_SPACE_TTL_S
-        self._written_since = 0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Spool:
-        """The spool of ``storage.spool_dir`` with ``storage.fsync`` and ``storage.quarantine_dir``."""
-        return cls(settings.spool_dir, fsync=settings.storage.fsync, quarantine=settings.quarantine_dir)
-
-    def path_for(self, ident: InstanceIdentity) -> Path:
-        """The file of an instance; UIDs were checked, so they are safe names.
-
-        The series directory is resolved (symbolic links followed) once, when
-        first used: a path that would leave the spool is refused.
-        """
-        key = (ident.study_instance_uid, ident.series_instance_uid)
-        directory = self._series_dirs.get(key)
-        if directory is None:
-            directory = self.root / key[0] / key[1]
-            if self.root not in (directory / "x").resolve().parents:
-                raise RejectedInstance(StoreStatus.CANNOT_UNDERSTAND, "instance path escapes the spool")
-            if len(self._series_dirs) > 10_000:
-                self._series_dirs.clear()
-            self._series_dirs[key] = directory
-        return directory / f"{ident.sop_instance_uid}.dcm"
-
-    def free_bytes(self) -> int:
-        """Free space on the spool's file system.
-
-        Measured at most every :data:`FREE_SPACE_TTL_S`; the bytes the spool
-        wrote since are subtracted from the last measurement.
-        """
-        now = time.monotonic()
-        if now - self._free_measured_at > FREE_SPACE_TTL_S:
-            self._free_measured = int(shutil.disk_usage(self.root).free)
-            self._free_measured_at = now
-            self._written_since = 0
-        return self._free_measured - self._written_since
-
-    def write(self, path: Path, data: Buffer | Sequence[Buffer]) -> None:
-        """Write *data* (one buffer, or several written in order) atomically and durably.
-
-        A temporary file, fsynced, renamed into place, then the directory
-        fsynced (with ``storage.fsync``; new directories' parents too), so the
-        file and its name survive a power loss before the row is committed.
-        """
-        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
-        parent = path.parent
-        if parent not in self._dirs:
-            created = self._make_dirs(parent)
-            if self.fsync:  # the new directories' own entries, from the top down
-                for directory in created:
-                    fsync_directory(directory.parent)
-            if len(self._dirs) > 10_000:
-                self._dirs.clear()
-            self._dirs.add(parent)
-        tmp = parent / f".{path.name}.{threading.get_ident()}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            total = sum(len(part) for part in parts)
-            written = os.writev(fd, parts)
-            if written < total:  # a short write: finish it part by part
-                view = memoryview(b"".join(parts))[written:]
-                while view:
-                    view = view[os.write(fd, view):]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        if self.fsync:  # the rename itself: without it a power loss can leave the old name, or none
-            fsync_directory(parent)
-        self._written_since += total
-
-    def _make_dirs(self, directory: Path) -> list[Path]:
-        """Create *directory* and missing parents; returns those created, topmost first."""
-        missing: list[Path] = []
-        probe = directory
-        while probe != self.root and not probe.is_dir() and self.root in probe.parents:
-            missing.append(probe)
-            probe = probe.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        return missing[::-1]
-
-    def quarantine_path(self, spooled: Path) -> Path:
-        """Where a spooled file goes when it cannot be recorded (and where earlier versions moved aborted ones)."""
-        try:
-            relative = spooled.resolve().relative_to(self.root)
-        except ValueError:
-            relative = Path(spooled.name)
-        return self.quarantine / relative
-
-
-def fsync_directory(directory: Path) -> None:
-    """fsync a directory, making the entries created or renamed in it durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -236,6 +37,7 @@ class Peer:
 
     calling_ae_title: str
     address: str
+
 
 
 @dataclass(frozen=True)
@@ -249,6 +51,7 @@ class Prior:
     file_missing: bool = False
 
 
+
 class Duplicate(StrEnum):
     """What to do with a received instance given the duplicate policy."""
 
@@ -256,6 +59,7 @@ class Duplicate(StrEnum):
     IGNORE = "ignore"      # identical re-send: acknowledged, nothing written
     REPLACE = "replace"    # overwrite the stored instance
     REJECT = "reject"      # refused with Duplicate SOP Instance
+
 
 
 def duplicate_decision(policy: str, prior: Prior | None, digest: str) -> Duplicate:
@@ -276,15 +80,23 @@ def duplicate_decision(policy: str, prior: Prior | None, digest: str) -> Duplica
     return Duplicate.REPLACE
 
 
+
 #: The instance columns written on every receipt (besides its UID and series).
 _INSTANCE_VALUES = ("sop_class_uid", "transfer_syntax_uid", "calling_ae_title", "peer_address", "spool_path",
                     "size_bytes", "sha256", "received_at", "association_id", "quarantined", "lossy",
                     "file_missing_at")
+
+
+
 #: The columns of a study and of a series row created by their first instance.
 _STUDY_VALUES = ("study_instance_uid", "patient_id", "issuer_of_patient_id", "accession_number", "study_date",
                  "first_received_at", "last_received_at", "needs_run")
+
+
+
 _SERIES_VALUES = ("series_instance_uid", "study_id", "modality", "series_number", "series_description", "state",
                   "first_received_at", "last_received_at", "instance_count")
+
 
 
 class Recorder:
@@ -453,3 +265,4 @@ class Recorder:
                     reason=reason,
                 )
             )
+

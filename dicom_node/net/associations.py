@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import AssociationLog
-from dicom_node.ingest import utcnow
+from dicom_node.db.models import AssociationLog, utcnow
 
 logger = logging.getLogger(__name__)
 

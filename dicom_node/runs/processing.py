@@ -29,45 +29,27 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.completeness import study_input_lossy
-from dicom_node.db.models import Delivery, DeliveryState, Instance, Run, RunState, Series, Study
-from dicom_node.edge_access import destinations_for
-from dicom_node.ingest import utcnow
-from dicom_node.notes_store import NodeNotes, NotesSource
-from dicom_node.reports import key_slices, run_identity, write_objects
-from dicom_node.settings import Settings
-from model.inference import Predictor
+from dicom_node.db.models import Delivery, DeliveryState, Instance, Run, RunState, Series, Study, utcnow
+from dicom_node.db.notes import NodeNotes
+from dicom_node.ingest.completeness import study_input_lossy
+from dicom_node.net.access import destinations_for
+from dicom_node.outbox.objects import key_slices, run_identity, write_objects
+from dicom_node.runs.context import RunContext
 from model.types import Prediction
 from pipeline.convert import convert_series
 from pipeline.errors import ConfigError, NodeError, NotAnalysed, Outcome, audit_traceback
 from pipeline.notes import ClinicalNote, choose_notes, format_note_text
-from pipeline.preprocess import PreprocessConfig, Preprocessed, default_template_path, preprocess
-from pipeline.select import SelectionRules, SeriesCandidate, select_series
+from pipeline.preprocess import Preprocessed, default_template_path, preprocess
+from pipeline.select import SeriesCandidate, select_series
 from structured_reports.texts import processing_failure_text
 from structured_reports.types import DeviceInfo, KeySlice, NotesUsed, ReportInput
 
 logger = logging.getLogger(__name__)
 
+
+
 PREPROCESSING_VERSION = "1.0"
 
-
-@dataclass
-class RunContext:
-    """What a run needs, built once at start-up by the composition root."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    predictor: Predictor
-    rules: SelectionRules
-    preprocess_config: PreprocessConfig
-    software_version: str = "0.1.0"
-    notes: NotesSource | None = None
-    #: Called AE title of a profile with its own model (``network.profiles[].model_path``) -> that model.
-    profile_predictors: dict[str, Predictor] = field(default_factory=dict)
-
-    def predictor_for(self, called_ae_title: str | None) -> Predictor:
-        """The model of the profile the study was sent to, or the node's model."""
-        return self.profile_predictors.get(called_ae_title or "", self.predictor)
 
 
 @dataclass
@@ -79,6 +61,7 @@ class _Progress:
     key_slices: list[KeySlice] = field(default_factory=list)
     #: The stage running, or the last one begun (its result being recorded); ``started`` before the first.
     stage: str = "started"
+
 
 
 @dataclass(frozen=True)
@@ -93,6 +76,7 @@ class _Failure:
         return {"error_stage": self.stage, "error_traceback": self.traceback}
 
 
+
 def _failed(run_id: str, stage: str, exc: Exception) -> tuple[_Failure, str]:
     """Record-ready failure and the radiologist's sentence for an exception that stopped a run.
 
@@ -104,6 +88,7 @@ def _failed(run_id: str, stage: str, exc: Exception) -> tuple[_Failure, str]:
     return failure, processing_failure_text(stage, run_id, configuration=isinstance(exc, ConfigError))
 
 
+
 @contextmanager
 def _stage(progress: _Progress, name: str) -> Iterator[None]:
     progress.stage = name
@@ -111,6 +96,7 @@ def _stage(progress: _Progress, name: str) -> Iterator[None]:
     yield
     progress.seconds[name] = round(time.perf_counter() - start, 3)
     progress.stamps[f"{name}_at"] = utcnow()
+
 
 
 def _apply(session: Session, run_id: str, values: dict[str, Any]) -> None:
@@ -121,9 +107,11 @@ def _apply(session: Session, run_id: str, values: dict[str, Any]) -> None:
         setattr(run, key, value)
 
 
+
 def _update(sessions: sessionmaker[Session], run_id: str, **values: Any) -> None:
     with sessions.begin() as session:
         _apply(session, run_id, values)
+
 
 
 def _study_headers(session: Session, study_id: int) -> dict[str, list[tuple[Path, Dataset]]]:
@@ -146,6 +134,7 @@ def _study_headers(session: Session, study_id: int) -> dict[str, list[tuple[Path
     return by_series
 
 
+
 def _input_hash(session: Session, series_uid: str) -> str:
     digests = session.scalars(
         select(Instance.sha256)
@@ -154,6 +143,7 @@ def _input_hash(session: Session, series_uid: str) -> str:
         .order_by(Instance.sop_instance_uid)
     ).all()
     return hashlib.sha256("".join(digests).encode()).hexdigest()
+
 
 
 def _notes_for(ctx: RunContext, study: Study) -> list[ClinicalNote]:
@@ -170,6 +160,7 @@ def _notes_for(ctx: RunContext, study: Study) -> list[ClinicalNote]:
     )
 
 
+
 def _device(ctx: RunContext) -> DeviceInfo:
     dev = ctx.settings.device
     return DeviceInfo(
@@ -180,6 +171,7 @@ def _device(ctx: RunContext) -> DeviceInfo:
         device_uid=ctx.settings.device_uid,
         software_version=ctx.software_version,
     )
+
 
 
 def _analyse(
@@ -222,6 +214,7 @@ def _analyse(
     return chosen, prediction, NotesUsed(tuple(n.note_date for n in notes))
 
 
+
 def _decision_json(decision: Any) -> dict[str, Any]:
     return {
         "series_instance_uid": decision.series_instance_uid,
@@ -233,8 +226,10 @@ def _decision_json(decision: Any) -> dict[str, Any]:
     }
 
 
+
 def _json_floats(values: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, (int, float)) else str(v)) for k, v in values.items()}
+
 
 
 def process_run(run_id: str, ctx: RunContext) -> None:
@@ -247,7 +242,7 @@ def process_run(run_id: str, ctx: RunContext) -> None:
     ctx : RunContext
         Settings, database and the loaded model.
     """
-    from dicom_node.executors import MAX_ATTEMPTS, claim_run
+    from dicom_node.runs.claims import MAX_ATTEMPTS, claim_run
 
     sessions = ctx.sessions
     claim_run(sessions, run_id)  # atomic: queued -> running (ClaimRefusedError when ended or held elsewhere)
@@ -308,6 +303,7 @@ def process_run(run_id: str, ctx: RunContext) -> None:
                 (Outcome.PROCESSING_ERROR, reason), NotesUsed(), progress, RunState.NOT_ANALYSED, failure)
 
 
+
 def _report_failed(run_id: str, exc: Exception, earlier: _Failure | None) -> tuple[_Failure, str]:
     """:func:`_failed` for the report stage, the record also keeping an earlier failure of the run."""
     failure, reason = _failed(run_id, "report_built", exc)
@@ -316,6 +312,7 @@ def _report_failed(run_id: str, exc: Exception, earlier: _Failure | None) -> tup
     before = f":\n{earlier.traceback}" if earlier.traceback else " (not analysed; no traceback)\n"
     text = f"{failure.traceback}\nThis happened while reporting an earlier failure in stage {earlier.stage}{before}"
     return _Failure(failure.stage, text), reason
+
 
 
 def _finish(
@@ -401,6 +398,7 @@ def _finish(
     logger.info("run %s finished: %s", run_id, values.get("predicted_class") or values.get("outcome"))
 
 
+
 def _destinations(ctx: RunContext, session: Session, run_id: str) -> tuple[list[tuple[str, tuple[str, ...]]],
                                                                            str | None]:
     """(destination name, object kinds) of each destination of this run's study, or an error.
@@ -415,6 +413,7 @@ def _destinations(ctx: RunContext, session: Session, run_id: str) -> tuple[list[
         logger.error("run %s: no delivery, destinations misconfigured: %s", run_id, exc)
         return [], f"not sent: {exc}"
     return [(dest.name, tuple(dest.objects)) for dest in chosen], None
+
 
 
 def _key_slices(ctx: RunContext, run_id: str, pre: Preprocessed) -> list[KeySlice]:

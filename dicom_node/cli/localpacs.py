@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.requestor import associate
+from dicom_node.net.requestor import associate
 from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ ten such connections fill ``network.max_associations``.
 
 - every accepted socket gets ``network.acse_timeout_s`` as its timeout at once
   (the association raises it to ``network_timeout_s`` once established, see
-  :mod:`dicom_node.edge_fastpath`);
+  :mod:`dicom_node.net.reactors`);
 - with TLS the socket is wrapped without a handshake, which then runs in the
   connection's own thread under that timeout: a peer that stalls it holds only
   its own thread, and is closed when the timeout passes;

@@ -13,7 +13,7 @@ acceptor association, before it starts, with event-driven equivalents:
 - the association thread blocks on the DIMSE message queue instead of sleeping;
 - given a store function, the DUL thread reads the PDUs of the established
   association itself and serves C-STORE-RQ messages on the lean path of
-  :mod:`dicom_node.edge_dimse` (no pynetdicom objects, no hand-over between
+  :mod:`dicom_node.net.dimse` (no pynetdicom objects, no hand-over between
   threads); every other PDU and message goes to pynetdicom as before.
 
 Both loops keep pynetdicom's logic step for step (state machine, ARTIM and idle
@@ -55,8 +55,8 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ
 
-from dicom_node.edge_dimse import ProtocolError, Spill, StoreAssembler, StoreFunction, p_data_pdus
-from dicom_node.requestor import checkpoint, turn_ended
+from dicom_node.net.dimse import ProtocolError, Spill, StoreAssembler, StoreFunction, p_data_pdus
+from dicom_node.net.requestor import checkpoint, turn_ended
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ def install(assoc: Any, store: StoreFunction | None = None, max_dataset_bytes: i
     """Give an acceptor association the event-driven, bounded loops; call from ``EVT_CONN_OPEN``.
 
     With *store*, C-STORE requests of the established association are served by
-    it on the lean path (:mod:`dicom_node.edge_dimse`) instead of pynetdicom's
+    it on the lean path (:mod:`dicom_node.net.dimse`) instead of pynetdicom's
     ``EVT_C_STORE`` handler; data sets over *max_dataset_bytes* are not kept
-    (see :class:`~dicom_node.edge_dimse.StoreAssembler`), and large ones go to
+    (see :class:`~dicom_node.net.dimse.StoreAssembler`), and large ones go to
     disk as they arrive (*spill*).  Without *store*, a data set that grows past
     *max_dataset_bytes* while pynetdicom receives it aborts the association,
     after *on_refusal* was told why.  Returns False (stock loops kept) when

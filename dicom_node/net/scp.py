@@ -1,14 +1,14 @@
 """The Storage SCP: the node's DICOM listener.
 
-Handlers stay thin: they turn the work of :mod:`dicom_node.ingest` into named
+Handlers stay thin: they turn the work of :mod:`dicom_node.ingest.recorder` into named
 DIMSE statuses.  No pixel data is decoded in the C-STORE handler: the encoded
 dataset is written to the spool, recorded, then answered.
 
-Associations are checked at request time (:mod:`dicom_node.edge_access`):
+Associations are checked at request time (:mod:`dicom_node.net.access`):
 calling AE title (optionally pinned to a host), called AE title (the node's or
 a profile's), free disk above ``storage.free_space_reserve_mb``; pynetdicom
 enforces ``network.max_associations``.  Every association is logged
-(:mod:`dicom_node.edge_assoc`); an instance answered Success is stored, however
+(:mod:`dicom_node.net.associations`); an instance answered Success is stored, however
 the association ends afterwards (released, aborted, dropped, or the node stopping).
 """
 
@@ -36,16 +36,17 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node import edge_fastpath
-from dicom_node.edge_access import AccessPolicy
-from dicom_node.edge_assoc import AssociationInfo, AssociationJournal, Outcome
-from dicom_node.edge_dimse import Spill, StoreRequest
-from dicom_node.edge_listener import start_listener
-from dicom_node.ingest import Duplicate, Peer, Recorder, Spool, duplicate_decision, part10_header, transfer_syntaxes
-from dicom_node.ingest_identity import RejectedInstance, check_inflated_size, read_identity
+from dicom_node.ingest.identity import RejectedInstance, check_inflated_size, read_identity, transfer_syntaxes
+from dicom_node.ingest.recorder import Duplicate, Peer, Recorder, duplicate_decision
+from dicom_node.ingest.spool import Spool, part10_header
+from dicom_node.net import reactors as edge_fastpath
+from dicom_node.net.access import AccessPolicy
+from dicom_node.net.associations import AssociationInfo, AssociationJournal, Outcome
+from dicom_node.net.dimse import Spill, StoreRequest
+from dicom_node.net.listener import start_listener
+from dicom_node.net.tls import server_context
 from dicom_node.settings import Settings
 from dicom_node.statuses import RejectReason, RejectResult, RejectSource, StoreStatus, VerificationStatus
-from dicom_node.tls import server_context
 from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ class StorageServer:
             logger.error("pynetdicom's internals differ from the pinned version: association served unbounded")
 
     def _on_cut_off(self, assoc: Any, reason: str) -> None:
-        """A bound of :mod:`dicom_node.edge_fastpath` ended the association: record the instance refused."""
+        """A bound of :mod:`dicom_node.net.reactors` ended the association: record the instance refused."""
         with self._assocs_lock:
             state = self._assocs.get(id(assoc))
         if state is None:
@@ -419,7 +420,7 @@ class StorageServer:
         return answer
 
     def _lean_store(self, assoc: Any, request: StoreRequest, ts_uid: str) -> tuple[int, str | None]:
-        """The lean C-STORE path's service (:mod:`dicom_node.edge_dimse`)."""
+        """The lean C-STORE path's service (:mod:`dicom_node.net.dimse`)."""
         args = (assoc, request.sop_class_uid, request.sop_instance_uid, ts_uid)
         if request.oversize:
             return self._serve_store(*args, b"", request.context_id, request.size)

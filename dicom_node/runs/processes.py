@@ -9,11 +9,11 @@ Design
 ------
 ``processing.workers`` processes, started with ``spawn`` (the listener has
 threads and database connections that a fork would copy).  Each builds its
-:class:`~dicom_node.processing.RunContext` once -- its own database engine and
+:class:`~dicom_node.runs.context.RunContext` once -- its own database engine and
 the model -- and answers ``ready``, or why it could not start (the node then
 refuses to start with that message).  The node hands one run id at a time to
 an idle worker over that worker's own pipe; the worker runs
-:func:`~dicom_node.executors.run_guarded` (claim, process; an exception marks
+:func:`~dicom_node.runs.claims.run_guarded` (claim, process; an exception marks
 the run failed, as with threads) and answers ``done``.
 
 One pipe per worker, not a shared queue as in
@@ -23,8 +23,8 @@ node knows which run it held.  That run goes back to the queue, as the runs of
 a killed node do at its restart: ``attempts`` counts the claims, so a run that
 kills its worker every time gets the "not analysed: processing was
 interrupted" report from its fourth claim on and ends failed only if that is
-lost too, several times (:data:`~dicom_node.executors.MAX_ATTEMPTS`,
-:data:`~dicom_node.executors.REPORT_ONLY_CLAIMS`).  Another worker is started in the
+lost too, several times (:data:`~dicom_node.runs.claims.MAX_ATTEMPTS`,
+:data:`~dicom_node.runs.claims.REPORT_ONLY_CLAIMS`).  Another worker is started in the
 dead one's place.
 
 Workers die with the node: each asks Linux for SIGKILL when its parent goes
@@ -37,9 +37,9 @@ decides) and on SIGTERM finish the run in progress before they exit.
 
 A spawned process starts without logging configuration: the node's (root
 level, levels of named loggers, handlers to stderr, stdout and files) is
-captured at start-up (:class:`~dicom_node.executor_worker.LogConfig`) and
+captured at start-up (:class:`~dicom_node.runs.worker.LogConfig`) and
 applied in every worker, whose stderr is the node's.  The worker's side is
-:mod:`dicom_node.executor_worker`.
+:mod:`dicom_node.runs.worker`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import Run, RunState
-from dicom_node.executor_worker import LogConfig, worker_main
+from dicom_node.runs.worker import LogConfig, worker_main
 from dicom_node.settings import Settings
 from pipeline.errors import NodeError
 

@@ -1,0 +1,100 @@
+"""What a run needs, built once per process that processes runs.
+
+The processing stack (torch, antspyx, the model) is imported only when
+:func:`build_run_context` is called, so that the listener's process, which
+imports this module, stays small and starts quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db.notes import NotesSource, make_notes_source
+from dicom_node.settings import Settings
+
+if TYPE_CHECKING:
+    from model.inference import Predictor
+    from pipeline.preprocess import PreprocessConfig
+    from pipeline.select import SelectionRules
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What a run needs, built once at start-up by the composition root."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    predictor: Predictor
+    rules: SelectionRules
+    preprocess_config: PreprocessConfig
+    software_version: str = "0.1.0"
+    notes: NotesSource | None = None
+    #: Called AE title of a profile with its own model (``network.profiles[].model_path``) -> that model.
+    profile_predictors: dict[str, Predictor] = field(default_factory=dict)
+
+    def predictor_for(self, called_ae_title: str | None) -> Predictor:
+        """The model of the profile the study was sent to, or the node's model."""
+        return self.profile_predictors.get(called_ae_title or "", self.predictor)
+
+
+def series_rules(settings: Settings) -> SelectionRules:
+    """The series-selection rules the settings point at (``processing.series_rules``).
+
+    Raises
+    ------
+    ConfigError
+        If the rules file is missing or malformed.
+    """
+    from pipeline.select import load_rules
+
+    return load_rules(settings.series_rules_path)
+
+
+
+def preprocess_config(settings: Settings) -> PreprocessConfig:
+    """The preprocessing settings and QC limits of runs (``processing.registration``, ``processing.n4``)."""
+    from pipeline.preprocess import PreprocessConfig
+
+    return PreprocessConfig(registration=settings.processing.registration, n4=settings.processing.n4)
+
+
+
+def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> RunContext:
+    """Load the models and the rules: what :func:`~dicom_node.runs.processing.process_run` needs.
+
+    The node's model and the model of each profile that names one
+    (``network.profiles[].model_path``), each directory loaded once.
+
+    Called once per process that processes runs (each worker process of the
+    local executor, the node itself with ``processing.isolation = "thread"``,
+    each Celery worker process).
+    """
+    from model.inference import Predictor
+
+    predictor = Predictor.load(settings.model_path, device=settings.model.device)
+    loaded = {settings.model_path.resolve(): predictor}
+    profile_predictors: dict[str, Predictor] = {}
+    for profile in settings.network.profiles:
+        if profile.model_path:
+            path = Path(profile.model_path).resolve()
+            if path not in loaded:
+                loaded[path] = Predictor.load(path, device=settings.model.device)
+            profile_predictors[profile.ae_title] = loaded[path]
+            logger.info("profile %s uses model %s", profile.ae_title, loaded[path].info.name)
+    return RunContext(
+        settings=settings,
+        sessions=sessions,
+        predictor=predictor,
+        profile_predictors=profile_predictors,
+        rules=series_rules(settings),
+        preprocess_config=preprocess_config(settings),
+        notes=make_notes_source(settings.notes, sessions),
+    )
+
