@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
-DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils openjph-tools
+DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils openjph-tools chromium chromium-driver
 
 .PHONY: setup system-deps venv parity-env demo test corpus lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos demo-model clean
 
@@ -15,7 +15,7 @@ setup: system-deps venv
 
 system-deps:
 	@missing=""; \
-	for tool in /usr/bin/storescu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/pdftoppm /usr/bin/ojph_compress \
+	for tool in /usr/bin/storescu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/pdftoppm /usr/bin/ojph_compress /usr/bin/chromedriver \
 	            /usr/share/mricron/templates/ch2.nii.gz; do [ -e $$tool ] || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -42,12 +42,12 @@ demo: setup
 test: setup parity-env
 	$(BIN)/python -m pytest
 	# ViT parity with MONAI 1.3 (M3D-CLIP's encoder), in its own environment (numpy < 2)
-	.venv-parity/bin/python -m pytest -q -p no:cacheprovider --noconftest tests/test_model_parity.py
+	.venv-parity/bin/python -m pytest -q -p no:cacheprovider --noconftest tests/model/test_parity.py
 
 # Every scanner-like study of tests/support/corpus.py at the scanners' sizes, through the node (make test sends
 # them at affordable sizes); the table goes to var/corpus-report.md and var/corpus-report.csv.
 corpus: setup
-	DICOM_NODE_CORPUS=full $(BIN)/python -m pytest -v -p no:cacheprovider tests/test_corpus.py
+	DICOM_NODE_CORPUS=full $(BIN)/python -m pytest -v -p no:cacheprovider tests/end_to_end/test_corpus.py
 
 parity-env: .venv-parity/.deps-installed
 
@@ -59,6 +59,7 @@ parity-env: .venv-parity/.deps-installed
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy dicom_node pipeline model structured_reports
+	$(BIN)/lint-imports
 
 bench-ingest: setup
 	$(BIN)/python -m benchmarks.bench_ingest

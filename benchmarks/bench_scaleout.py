@@ -18,7 +18,7 @@ the plumbing, no preprocessing) through the local executor and through Celery
 the run's end, median.
 
 The helpers (worker processes, settings, synthetic studies) are shared with
-``tests/test_scaleout_workers.py``.
+``tests/runs/test_scaleout_workers.py``.
 """
 
 from __future__ import annotations

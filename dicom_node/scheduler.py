@@ -8,30 +8,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import Run, RunState
 from dicom_node.db.session import CHECKPOINT_INTERVAL_S, checkpoint
 from dicom_node.ingest.completeness import complete_quiet_series, create_runs
 from dicom_node.outbox.delivery import deliver_due
+from dicom_node.runs.claims import requeue
 from dicom_node.runs.executors import LocalExecutor, RunExecutor
 from dicom_node.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-def requeue_unfinished(sessions: sessionmaker[Session]) -> int:
-    """At start-up: runs left ``running`` by a stop or crash go back to the queue."""
-    with sessions.begin() as session:
-        result = session.execute(
-            update(Run).where(Run.state == RunState.RUNNING.value)
-            .values(state=RunState.QUEUED.value, claimed_by=None, claimed_at=None)
-        )
-        count = int(result.rowcount or 0)  # type: ignore[attr-defined]
-    if count:
-        logger.info("resuming %d unfinished run(s)", count)
-    return count
 
 
 class Scheduler:
@@ -65,7 +52,9 @@ class Scheduler:
     def start(self) -> None:
         """Resume unfinished runs (when they are this node's) and start the loop."""
         if self.executor.resumes_running_runs:
-            requeue_unfinished(self.sessions)
+            count = requeue(self.sessions)
+            if count:
+                logger.info("resuming %d unfinished run(s)", count)
         self._thread.start()
 
     def stop(self, wait_for_runs: bool = True) -> None:

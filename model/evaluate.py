@@ -2,11 +2,16 @@
 
 For each run the model is rebuilt from its base, the run's trained tensors are
 loaded (refused unless the base weights' SHA-256 matches) and the run's held-out
-subjects (or another manifest) are classified.  Output: precision, sensitivity
-(recall) and F1 for AD, CN and MCI with macro and weighted averages, one column
-group per run; a confusion-matrix PNG and a t-SNE PNG of the embeddings the
-classifier sees (image embedding, or image and text embeddings concatenated),
-coloured by true class.
+subjects (or another manifest, refused unless preprocessed as the node serves)
+are classified on the requested device, with the same note handling as training
+and inference (:mod:`model.feed`).  Output: precision, sensitivity (recall) and
+F1 for AD, CN and MCI with macro and weighted averages, one column group per run;
+subject-level bootstrap 95 % intervals for per-class and macro F1 and
+one-vs-rest AUC (:mod:`model.intervals`); calibration (expected calibration
+error before and after the run's temperature, a reliability diagram,
+:mod:`model.calibration`); a confusion-matrix PNG and a t-SNE PNG of the
+embeddings the classifier sees (image embedding, or image and text embeddings
+concatenated), coloured by true class.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,71 +27,19 @@ import numpy as np
 import torch
 
 from model.brain_adapter import BrainAdapter, Preset
-from model.dataset import Sample, load_volumes, read_manifest, subject_split
+from model.calibration import apply_temperature, calibration_bins, expected_calibration_error, plot_reliability
+from model.dataset import Sample, check_preprocessing, read_manifest, subject_split
 from model.demo import BaseSpec, build_base
 from model.errors import ModelInputError
+from model.feed import Predictions, build_inputs, predict
 from model.finetune import load_adapter_file
+from model.intervals import N_BOOTSTRAP, bootstrap_intervals, format_interval
 from model.types import CLASSES
 
 logger = logging.getLogger(__name__)
 
 #: Row order of the paper's table.
 TABLE_CLASSES = ("AD", "CN", "MCI")
-
-
-@dataclass
-class Predictions:
-    """Model outputs over a set of scans.
-
-    Parameters
-    ----------
-    predicted : numpy.ndarray
-        (N,) class indices.
-    probabilities : numpy.ndarray
-        (N, n_classes).
-    embeddings : numpy.ndarray
-        (N, E): what the deciding head sees.
-    """
-
-    predicted: np.ndarray
-    probabilities: np.ndarray
-    embeddings: np.ndarray
-
-
-def predict(model: BrainAdapter, volumes: torch.Tensor, text_hidden: torch.Tensor | None,
-            batch_size: int = 8) -> Predictions:
-    """Classify volumes (and notes, as precomputed text-tower states) in batches.
-
-    Parameters
-    ----------
-    model : BrainAdapter
-        The model.
-    volumes : torch.Tensor
-        (N, 1, D, H, W), any float dtype.
-    text_hidden : torch.Tensor or None
-        (N, hidden) from :meth:`BrainAdapter.text_hidden`; None: image only.
-    batch_size : int
-        Batch size.
-
-    Returns
-    -------
-    Predictions
-        Classes, probabilities and embeddings.
-    """
-    device = next(model.parameters()).device
-    preds, probs, embeds = [], [], []
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, volumes.shape[0], batch_size):
-            x = volumes[start:start + batch_size].to(device=device, dtype=torch.float32)
-            kwargs = {} if text_hidden is None else {"text_hidden": text_hidden[start:start + batch_size].to(device)}
-            out = model(x, **kwargs)
-            p = torch.softmax(out.logits.float(), dim=-1)
-            probs.append(p.cpu())
-            preds.append(p.argmax(dim=-1).cpu())
-            emb = out.image_embeds if out.text_embeds is None else torch.cat([out.image_embeds, out.text_embeds], -1)
-            embeds.append(emb.float().cpu())
-    return Predictions(torch.cat(preds).numpy(), torch.cat(probs).numpy(), torch.cat(embeds).numpy())
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, Any]:
@@ -278,9 +231,72 @@ def _rows(summary: dict[str, Any], manifest: Path | None) -> tuple[list[Sample],
     return samples, test
 
 
+def assess(samples: Sequence[Sample], pred: Predictions, temperature: float, *, seed: int = 0,
+           n_boot: int = N_BOOTSTRAP) -> dict[str, Any]:
+    """Metrics, bootstrap intervals and calibration of predictions on labelled scans.
+
+    Parameters
+    ----------
+    samples : sequence of Sample
+        The scans (labels, subjects), in the order of ``pred``.
+    pred : Predictions
+        From :func:`model.feed.predict` (probabilities after ``temperature``).
+    temperature : float
+        The run's temperature.
+    seed : int
+        Bootstrap seed.
+    n_boot : int
+        Bootstrap replicates.
+
+    Returns
+    -------
+    dict
+        ``metrics`` (:func:`classification_metrics`), ``intervals``
+        (:func:`model.intervals.bootstrap_intervals` on the calibrated
+        probabilities) and ``calibration`` (temperature, ECE raw and calibrated,
+        bins).
+    """
+    y_true = np.array([s.label for s in samples], dtype=np.int64)
+    raw = apply_temperature(pred.logits, 1.0) if len(y_true) else pred.probabilities
+    return {
+        "metrics": classification_metrics(y_true.tolist(), pred.predicted.tolist()),
+        "intervals": bootstrap_intervals(y_true, pred.probabilities, [s.subject_id for s in samples],
+                                         n_boot=n_boot, seed=seed) if len(y_true) else {},
+        "calibration": {"temperature": temperature, "ece_raw": expected_calibration_error(raw, y_true),
+                        "ece_calibrated": expected_calibration_error(pred.probabilities, y_true),
+                        "bins_calibrated": calibration_bins(pred.probabilities, y_true)},
+    }
+
+
+def format_intervals(results: dict[str, dict[str, Any]]) -> str:
+    """Per-run F1 and AUC with 95 % intervals, and calibration, as a Markdown table.
+
+    Parameters
+    ----------
+    results : dict
+        Run name to :func:`assess` output.
+
+    Returns
+    -------
+    str
+        One row per run.
+    """
+    keys = ["f1 AD", "f1 MCI", "f1 CN", "macro f1", "auc AD", "auc MCI", "auc CN", "macro auc"]
+    lines = ["| run | " + " | ".join(k.replace("f1", "F1").replace("auc", "AUC") for k in keys)
+             + " | ECE raw | ECE calibrated (T) |", "|---|" + "---:|" * (len(keys) + 2)]
+    for name, r in results.items():
+        cal = r["calibration"]
+        lines.append(f"| {name} | " + " | ".join(format_interval(r["intervals"][k]) if r["intervals"] else "n/a"
+                                                  for k in keys)
+                     + f" | {cal['ece_raw']:.3f} | {cal['ece_calibrated']:.3f} ({cal['temperature']:.2f}) |")
+    return "\n".join(lines)
+
+
 def evaluate_runs(run_dirs: Sequence[Path], out_dir: Path, *, manifest: Path | None = None,
-                  names: Sequence[str] | None = None, batch_size: int = 8) -> tuple[str, dict[str, Any]]:
-    """Evaluate runs side by side; write ``confusion.png``, ``tsne.png`` and ``metrics.json``.
+                  names: Sequence[str] | None = None, batch_size: int = 8, device: str = "cpu",
+                  preprocessing: str | None = None, n_boot: int = N_BOOTSTRAP,
+                  seed: int = 0) -> tuple[str, dict[str, Any]]:
+    """Evaluate runs side by side; write ``confusion.png``, ``tsne.png``, ``calibration.png``, ``metrics.json``.
 
     Parameters
     ----------
@@ -294,38 +310,50 @@ def evaluate_runs(run_dirs: Sequence[Path], out_dir: Path, *, manifest: Path | N
         Column names (default: ``inputs`` of each run, else the folder name).
     batch_size : int
         Batch size.
+    device : str
+        Torch device the models run on.
+    preprocessing : str or None
+        The serving configuration's preprocessing identity the manifest must carry
+        (:func:`model.dataset.check_preprocessing`); None: not checked.
+    n_boot : int
+        Bootstrap replicates.
+    seed : int
+        Bootstrap seed.
 
     Returns
     -------
     tuple
-        The Markdown table and the metrics by run name.
+        The Markdown tables (the paper's, then intervals and calibration) and the
+        results by run name.
     """
-    from model.train import text_hidden_cache
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     confusion: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     tsne: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    reliability: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
     for k, run_dir in enumerate(run_dirs):
         model, summary = load_run(Path(run_dir))
+        model.to(torch.device(device))
         name = names[k] if names else f"{summary['config']['inputs']}"
         if name in results:
             name = f"{name} ({Path(run_dir).name})"
         samples, idx = _rows(summary, manifest)
+        check_preprocessing(samples, preprocessing)
         chosen = [samples[i] for i in idx]
-        volumes = load_volumes(chosen, model.config.input_size)
-        inputs = summary["config"]["inputs"]
-        if inputs == "note":
-            volumes.zero_()
-        text = text_hidden_cache(model, chosen) if inputs != "mri" else None
-        pred = predict(model, volumes, text, batch_size)
+        inputs = build_inputs(model, chosen, summary["config"]["inputs"])
+        temperature = float(summary.get("temperature", 1.0))
+        pred = predict(model, inputs, list(range(len(chosen))), batch_size, temperature=temperature)
+        results[name] = assess(chosen, pred, temperature, seed=seed, n_boot=n_boot)
         y_true = np.array([s.label for s in chosen])
-        results[name] = classification_metrics(y_true.tolist(), pred.predicted.tolist())
         confusion[name] = (y_true, pred.predicted)
         tsne[name] = (pred.embeddings, y_true)
-        logger.info("evaluated %s on %d scans: macro F1 %.3f", name, len(chosen), results[name]["macro avg"]["f1"])
+        reliability[name] = (pred.logits, y_true, pred.probabilities, temperature)
+        logger.info("evaluated %s on %d scans: macro F1 %.3f", name, len(chosen),
+                    results[name]["metrics"]["macro avg"]["f1"])
     plot_confusion(confusion, out_dir / "confusion.png")
     plot_tsne(tsne, out_dir / "tsne.png")
+    plot_reliability(reliability, out_dir / "calibration.png")
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    return format_table(results), results
+    tables = format_table({n: r["metrics"] for n, r in results.items()}) + "\n\n" + format_intervals(results)
+    return tables, results

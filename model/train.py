@@ -1,21 +1,28 @@
 """Training of the Brain-Adapter's trainable parts (``dicom-node train``).
 
-One run: read a manifest, split it by subject (70/30 by default, stratified),
-build the base (a model directory or the seeded demonstration base), train the
-preset's trainable parts with AdamW and the paper's per-group learning rates
-(adapter 1e-3, projections 1e-4; heads 1e-3, our choice), evaluate on the test
-part and write, in the run folder::
+One run: read a manifest (refused unless preprocessed as the node serves, see
+:func:`model.dataset.check_preprocessing`), split it by subject (70/30 by default,
+stratified; 15 % of the training subjects again for calibration), build the base
+(a model directory or the seeded demonstration base), train the preset's
+trainable parts with AdamW and the paper's per-group learning rates (adapter
+1e-3, projections 1e-4; heads 1e-3, our choice), fit a temperature on the
+validation subjects, evaluate on the test subjects and write, in the run folder::
 
     checkpoint.pt        trainable tensors, optimizer and position (resume)
-    adapter.safetensors  trained tensors + SHA-256 of the base weights
-    run.json             summary: configuration, base, split, history, test metrics
+    adapter.safetensors  trained tensors + SHA-256 of the base weights (+ temperature)
+    run.json             summary: configuration, base, split, history, test metrics with
+                         bootstrap intervals, calibration
+    MODEL_CARD.md        the model card (model.card)
 
-The frozen text tower's first-token state is computed once per note and reused
-(it is frozen in every preset, so this changes nothing but time).
+Volumes are read a batch at a time (:class:`model.dataset.VolumeStore`).  The
+frozen text tower's first-token state is computed once per note and reused (it is
+frozen in every preset, so this changes nothing but time); scans without a note
+go through the image-only head (:mod:`model.feed`), as at inference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,18 +36,38 @@ import torch
 from tqdm import tqdm
 
 from model.brain_adapter import BrainAdapter, Preset
-from model.dataset import Sample, batches, load_volumes, manifest_sha256, read_manifest, subject_split
+from model.calibration import fit_temperature, nll
+from model.card import MODEL_CARD_FILE, write_model_card
+from model.dataset import (
+    batches,
+    check_preprocessing,
+    manifest_sha256,
+    read_manifest,
+    split_indices,
+    subject_split,
+)
 from model.demo import DEMO_ADAPTER_FILE, DEMO_INFO_FILE, BaseSpec, build_base
 from model.errors import ModelInputError
-from model.evaluate import classification_metrics, predict
+from model.evaluate import assess
+from model.feed import Inputs, build_inputs, predict
 from model.finetune import save_adapter_file, trainable_state
+from model.types import CLASSES
 
 logger = logging.getLogger(__name__)
 
+
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
 ADAPTER_FILE = "adapter.safetensors"
+
+
 SUMMARY_FILE = "run.json"
+
+
 PROJECTIONS = ("mm_vision_proj", "mm_language_proj", "logit_scale")
+
+
 HEADS = ("image_head", "fusion_head")
 
 
@@ -69,7 +96,13 @@ class TrainConfig:
     weight_decay : float
         AdamW weight decay.
     test_fraction : float
-        Fraction of subjects held out.
+        Fraction of subjects held out for the test.
+    val_fraction : float
+        Fraction of the remaining (training) subjects held out to fit the temperature
+        (:mod:`model.calibration`); 0: no calibration (T = 1).
+    preprocessing : str or None
+        The serving configuration's preprocessing identity; the manifest must carry
+        it (:func:`model.dataset.check_preprocessing`).  None: not checked.
     seed : int
         Seed of the split, the shuffles and the training randomness.
     activation_checkpointing : bool
@@ -102,6 +135,8 @@ class TrainConfig:
     lr_head: float = 1e-3
     weight_decay: float = 0.01
     test_fraction: float = 0.3
+    val_fraction: float = 0.15
+    preprocessing: str | None = None
     seed: int = 0
     activation_checkpointing: bool = False
     bf16: bool | None = None
@@ -125,6 +160,8 @@ class TrainConfig:
             raise ModelInputError(f"preset must be one of {[p.value for p in Preset]}, got {self.preset!r}")
         if self.epochs <= 0 or self.batch_size <= 0:
             raise ModelInputError("epochs and batch_size must be positive")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ModelInputError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
 
 
 def base_spec(config: TrainConfig, size: int) -> BaseSpec:
@@ -179,35 +216,26 @@ def parameter_groups(model: BrainAdapter, config: TrainConfig) -> list[dict[str,
     return [{"params": p, "lr": rates[k], "name": k} for k, p in groups.items() if p]
 
 
-def text_hidden_cache(model: BrainAdapter, samples: list[Sample], batch_size: int = 32) -> torch.Tensor:
-    """First-token states of the frozen text tower for every sample's note (N, hidden)."""
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(samples), batch_size):
-            tokens = model.tokenize([s.note for s in samples[start:start + batch_size]])
-            chunks.append(model.text_hidden(tokens["input_ids"], tokens["attention_mask"]).float())
-    return torch.cat(chunks)
-
-
-def data_dependent_init(model: BrainAdapter, volumes: torch.Tensor, text: torch.Tensor | None,
-                        device: torch.device, batch_size: int = 16) -> None:
+def data_dependent_init(model: BrainAdapter, inputs: Inputs, indices: list[int], device: torch.device,
+                        batch_size: int = 16) -> None:
     """Rescale and re-centre the projections so their outputs are standardised on training data.
 
-    ``mm_vision_proj`` (and ``mm_language_proj`` when ``text`` is given) get
+    ``mm_vision_proj`` (and ``mm_language_proj`` when there are notes) get
     ``W <- W / s`` and ``b <- -W mu``, with ``mu`` the mean encoder feature and ``s``
-    the per-output standard deviation over the given samples.  Used for the seeded
-    demonstration base, whose random frozen ViT gives features that differ across
-    subjects by a few per cent of their norm, so that unit-normalised embeddings
-    would be nearly identical; pretrained projections are left alone by default.
+    the per-output standard deviation over the given scans (for the text side: those
+    with a note).  Used for the seeded demonstration base, whose random frozen ViT
+    gives features that differ across subjects by a few per cent of their norm, so
+    that unit-normalised embeddings would be nearly identical; pretrained
+    projections are left alone by default.
 
     Parameters
     ----------
     model : BrainAdapter
         The model (its adapter as it is).
-    volumes : torch.Tensor
-        (N, 1, D, H, W) training volumes.
-    text : torch.Tensor or None
-        (N, hidden) cached text-tower states.
+    inputs : Inputs
+        The scans' volumes and cached text states.
+    indices : list of int
+        The training scans used.
     device : torch.device
         Device of the model.
     batch_size : int
@@ -221,19 +249,19 @@ def data_dependent_init(model: BrainAdapter, volumes: torch.Tensor, text: torch.
         proj.bias.copy_(-(proj.weight @ mu))
 
     with torch.no_grad():
-        feats = torch.cat([
-            model.vision_encoder(model.adapter(model.input_pool(
-                volumes[i:i + batch_size].to(device=device, dtype=torch.float32))))[:, 0]
-            for i in range(0, volumes.shape[0], batch_size)
-        ])
+        feats = torch.cat([model.image_features(inputs.batch(indices[i:i + batch_size]).to(device).volume)
+                           for i in range(0, len(indices), batch_size)])
         standardise(model.mm_vision_proj, feats)
-        if text is not None and model.mm_language_proj is not None:
-            standardise(model.mm_language_proj, text.to(device))
+        with_note = [i for i in indices if bool(inputs.notes_present[i])]
+        if inputs.text_hidden is not None and model.mm_language_proj is not None and len(with_note) >= 2:
+            standardise(model.mm_language_proj, inputs.text_hidden[with_note].to(device))
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> Any:
     use = config.bf16 if config.bf16 is not None else device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(use))
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def train(config: TrainConfig) -> Path:
@@ -247,19 +275,22 @@ def train(config: TrainConfig) -> Path:
     Returns
     -------
     Path
-        The run folder, holding ``adapter.safetensors`` and ``run.json``.
+        The run folder, holding ``adapter.safetensors``, ``run.json`` and ``MODEL_CARD.md``.
 
     Raises
     ------
     ModelInputError
-        On a bad manifest, volumes of mixed shape or a mismatched resume.
+        On a bad manifest, volumes of mixed shape or another preprocessing than
+        ``config.preprocessing``, or a mismatched resume.
     """
     started = time.perf_counter()
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     samples = read_manifest(Path(config.manifest))
+    preprocessing = check_preprocessing(samples, config.preprocessing)
     train_idx, test_idx = subject_split(samples, config.test_fraction, config.seed)
+    fit_idx, val_idx = split_indices(samples, train_idx, config.val_fraction, config.seed + 1)
     shape = tuple(int(v) for v in np.load(samples[0].volume, mmap_mode="r").shape)
     if len(shape) != 3 or len(set(shape)) != 1:
         raise ModelInputError(f"volumes must be cubes (D, H, W); got {shape}")
@@ -271,16 +302,11 @@ def train(config: TrainConfig) -> Path:
         model.vision_encoder.config = replace(model.vision_encoder.config, gradient_checkpointing=True)
     device = torch.device(config.device)
     model.to(device)
-    volumes = load_volumes(samples, shape)
-    if config.inputs == "note":
-        volumes.zero_()
-    text = text_hidden_cache(model, samples) if config.inputs != "mri" else None
-    labels = torch.tensor([s.label for s in samples])
+    inputs = build_inputs(model, samples, config.inputs)
     if config.data_init if config.data_init is not None else spec.kind == "demo":  # resume overwrites it
-        init_idx = train_idx[:64]
-        data_dependent_init(model, volumes[init_idx], text[init_idx] if text is not None else None, device)
+        data_dependent_init(model, inputs, fit_idx[:64], device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config), weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    steps_per_epoch = math.ceil(len(fit_idx) / config.batch_size)
     epoch, batch_pos, step, history = 0, 0, 0, []
     ckpt_path = out / CHECKPOINT_FILE
     if config.resume and ckpt_path.is_file():
@@ -303,15 +329,14 @@ def train(config: TrainConfig) -> Path:
         model.train()
         t0 = time.perf_counter()
         losses: list[float] = []
-        order = list(batches(train_idx, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch))
+        order = list(batches(fit_idx, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch))
         bar = tqdm(order[batch_pos:], desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
                    initial=batch_pos, total=steps_per_epoch, leave=False)
         for idx in bar:
-            x = volumes[idx].to(device=device, dtype=torch.float32)
-            kwargs = {} if text is None else {"text_hidden": text[idx].to(device)}
+            batch = inputs.batch(idx).to(device)
             with _autocast(config, device):
-                output = model(x, **kwargs)
-                loss = model.loss(output, labels[idx].to(device))
+                output = model(batch.volume, **batch.model_kwargs())
+                loss = model.loss(output, inputs.labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -327,24 +352,41 @@ def train(config: TrainConfig) -> Path:
             logger.info("epoch %d/%d: loss %.4f", epoch + 1, config.epochs, history[-1]["loss"] or float("nan"))
             epoch, batch_pos = epoch + 1, 0
         save_checkpoint()
-    save_adapter_file(model, out / ADAPTER_FILE, base_weights_sha256=base_sha, preset=Preset(config.preset))
     model.eval()
-    result = predict(model, volumes[test_idx], text[test_idx] if text is not None else None, config.batch_size)
-    test_metrics = classification_metrics(labels[test_idx].tolist(), result.predicted.tolist())
+    val = predict(model, inputs, val_idx, config.batch_size)
+    temperature = fit_temperature(val.logits, np.asarray([samples[i].label for i in val_idx]))
+    save_adapter_file(model, out / ADAPTER_FILE, base_weights_sha256=base_sha, preset=Preset(config.preset),
+                      metadata={"temperature": repr(temperature), "preprocessing_version": preprocessing})
+    test = predict(model, inputs, test_idx, config.batch_size, temperature=temperature)
+    assessment = assess([samples[i] for i in test_idx], test, temperature, seed=config.seed)
     summary = {
         "format": "brain-adapter-run", "config": asdict(config), "base": spec.to_dict(),
         "base_weights_sha256": base_sha, "manifest_sha256": manifest_sha256(Path(config.manifest)),
-        "input_shape": list(shape), "finished": epoch >= config.epochs, "epochs_done": epoch, "steps": step,
-        "split": {"train_subjects": sorted({samples[i].subject_id for i in train_idx}),
+        "preprocessing_version": preprocessing, "input_shape": list(shape), "finished": epoch >= config.epochs,
+        "epochs_done": epoch, "steps": step,
+        "split": {"train_subjects": sorted({samples[i].subject_id for i in fit_idx}),
+                  "validation_subjects": sorted({samples[i].subject_id for i in val_idx}),
                   "test_subjects": sorted({samples[i].subject_id for i in test_idx}),
-                  "train_scans": len(train_idx), "test_scans": len(test_idx)},
+                  "train_scans": len(fit_idx), "validation_scans": len(val_idx), "test_scans": len(test_idx),
+                  "labels": {part: {c: sum(samples[i].label == k for i in idx) for k, c in enumerate(CLASSES)}
+                             for part, idx in (("train", fit_idx), ("validation", val_idx), ("test", test_idx))},
+                  "notes": {part: int(inputs.notes_present[idx].sum()) if idx else 0
+                            for part, idx in (("train", fit_idx), ("validation", val_idx), ("test", test_idx))}},
         "trainable_parameters": {g["name"]: sum(p.numel() for p in g["params"])
                                  for g in parameter_groups(model, config)},
-        "history": history, "test_metrics": test_metrics, "threads": torch.get_num_threads(),
-        "device": str(device), "seconds": round(time.perf_counter() - started, 1),
+        "history": history, "temperature": temperature, "test_metrics": assessment["metrics"],
+        "test_intervals": assessment["intervals"], "calibration": {
+            **assessment["calibration"], "validation_scans": len(val_idx),
+            "validation_nll_raw": nll(val.logits, [samples[i].label for i in val_idx]) if val_idx else None,
+            "validation_nll_calibrated": nll(val.logits, [samples[i].label for i in val_idx], temperature)
+            if val_idx else None},
+        "threads": torch.get_num_threads(), "device": str(device),
+        "seconds": round(time.perf_counter() - started, 1),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    logger.info("run %s: %d steps, test macro F1 %.3f", out.name, step, test_metrics["macro avg"]["f1"])
+    write_model_card(out / MODEL_CARD_FILE, summary)
+    logger.info("run %s: %d steps, test macro F1 %.3f", out.name, step,
+                assessment["metrics"]["macro avg"]["f1"])
     return out
 
 
@@ -386,3 +428,4 @@ def export_demo(run_dir: Path, demo_dir: Path, *, command: str = "") -> Path:
             "manifest_sha256": summary["manifest_sha256"]}
     (demo_dir / DEMO_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return demo_dir
+

@@ -16,10 +16,13 @@ organisation root.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from enum import Enum, StrEnum
+from typing import Any
 
 from pydicom.uid import UID
 
@@ -81,3 +84,43 @@ def derive_uid(*parts: str) -> UID:
     derived = UID(f"{_UUID_ROOT}{uuid.uuid5(UID_NAMESPACE, name).int}")
     logger.debug("derived UID %s for kind %s", derived, values[-1])
     return derived
+
+
+_UID_KINDS: dict[str, tuple[UidKind, UidKind]] = {
+    "sr": (UidKind.SR_SERIES, UidKind.SR_INSTANCE),
+    "pdf": (UidKind.PDF_SERIES, UidKind.PDF_INSTANCE),
+}
+
+
+def run_identity(study_uid: str, chosen: str | None, input_hash: str, weights_sha256: str, *,
+                 outcome: str | None = None, notes: Sequence[Any] = ()) -> tuple[str, ...]:
+    """The parts every UID of a run is derived from.
+
+    Parameters
+    ----------
+    study_uid, chosen, input_hash, weights_sha256 : str
+        Study, analysed series (None: none selected), hash of the input and of the model weights.
+    outcome : str or None, optional
+        Outcome of a run that was not analysed: a refusal and a result on the same input must
+        never share a UID.
+    notes : Sequence, optional
+        The notes used (``runs.notes_used``: ids and dates): other notes, other result.
+
+    Returns
+    -------
+    tuple[str, ...]
+        The identity (without the object kind).
+    """
+    identity = [study_uid, chosen or "no series selected", input_hash, weights_sha256]
+    if outcome is not None:
+        identity.append(f"not-analysed:{outcome}")
+    if notes:
+        identity.append("notes:" + hashlib.sha256(json.dumps(list(notes), sort_keys=True).encode()).hexdigest())
+    return tuple(identity)
+
+
+def object_uids(identity: Sequence[str], kind: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of one object kind of a run."""
+    series_kind, instance_kind = _UID_KINDS[kind]
+    return str(derive_uid(*identity, series_kind)), str(derive_uid(*identity, instance_kind))
+

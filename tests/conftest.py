@@ -31,6 +31,7 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "storage.data_dir": str(tmp_path / "node"),
         "network.port": 0,
+        "http.port": 0,  # the HTTP side on a free port (several nodes may run at once)
         "network.allowed_calling_ae_titles": ["SCANNER"],
         "completeness.quiet_period_s": 1.0,
         "completeness.poll_interval_s": 0.2,

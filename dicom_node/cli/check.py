@@ -541,8 +541,8 @@ def write_key_slices(study: StudyCheck, registered: Any, config: PreprocessConfi
     """
     from matplotlib.figure import Figure
 
-    from dicom_node.outbox.objects import key_slices
     from pipeline.preprocess import default_template_path
+    from structured_reports.keyslices import key_slices
     from structured_reports.pdf import OUTLINE_CAPTION, draw_key_slice
 
     slices: list[KeySlice] = key_slices(registered, config.template_path or default_template_path())

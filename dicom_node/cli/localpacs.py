@@ -19,10 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-from dicom_node.net.requestor import associate
+from dicom_node.net.scu import echo
+from dicom_node.settings import Destination
 from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)
@@ -56,14 +54,8 @@ def echo_ok(port: int, ae_title: str, calling_ae_title: str, host: str = "127.0.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         if sock.connect_ex((host, port)) != 0:
             return False
-    ae = AE(ae_title=calling_ae_title)
-    ae.add_requested_context(Verification)
-    assoc = associate(ae, host, port, ae_title=ae_title)
-    if not assoc.is_established:
-        return False
-    response = assoc.send_c_echo()
-    assoc.release()
-    return bool(response and response.Status == 0)
+    peer = Destination(name="peer", ae_title=ae_title, host=host, port=port)
+    return echo(peer, calling_ae_title=calling_ae_title).status == 0
 
 
 class LocalOrthanc:

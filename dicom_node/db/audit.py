@@ -14,7 +14,6 @@ STAGES = ("created_at", "started_at", "selected_at", "converted_at", "preprocess
           "inferred_at", "report_built_at", "finished_at")
 
 
-
 def run_record(settings: Settings, run_id: str) -> dict[str, Any]:
     """The audit record of one run as a JSON-friendly dict."""
     from dicom_node.db.session import open_database

@@ -466,10 +466,8 @@ LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 
-
 #: Negotiated only with ``storage.accept_lossy`` (JPEG 2000 and HTJ2K "either" syntaxes included).
 LOSSY_TRANSFER_SYNTAXES: tuple[str, ...] = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K)
-
 
 
 def transfer_syntaxes(accept_lossy: bool) -> list[str]:

@@ -30,14 +30,12 @@ from pipeline.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Peer:
     """Who sent an instance."""
 
     calling_ae_title: str
     address: str
-
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,6 @@ class Prior:
     file_missing: bool = False
 
 
-
 class Duplicate(StrEnum):
     """What to do with a received instance given the duplicate policy."""
 
@@ -59,7 +56,6 @@ class Duplicate(StrEnum):
     IGNORE = "ignore"      # identical re-send: acknowledged, nothing written
     REPLACE = "replace"    # overwrite the stored instance
     REJECT = "reject"      # refused with Duplicate SOP Instance
-
 
 
 def duplicate_decision(policy: str, prior: Prior | None, digest: str) -> Duplicate:
@@ -80,12 +76,10 @@ def duplicate_decision(policy: str, prior: Prior | None, digest: str) -> Duplica
     return Duplicate.REPLACE
 
 
-
 #: The instance columns written on every receipt (besides its UID and series).
 _INSTANCE_VALUES = ("sop_class_uid", "transfer_syntax_uid", "calling_ae_title", "peer_address", "spool_path",
                     "size_bytes", "sha256", "received_at", "association_id", "quarantined", "lossy",
                     "file_missing_at")
-
 
 
 #: The columns of a study and of a series row created by their first instance.
@@ -93,10 +87,8 @@ _STUDY_VALUES = ("study_instance_uid", "patient_id", "issuer_of_patient_id", "ac
                  "first_received_at", "last_received_at", "needs_run")
 
 
-
 _SERIES_VALUES = ("series_instance_uid", "study_id", "modality", "series_number", "series_description", "state",
                   "first_received_at", "last_received_at", "instance_count")
-
 
 
 class Recorder:

@@ -30,7 +30,6 @@ def _meta_element(tag_element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, tag_element, vr, len(value)) + value
 
 
-
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str) -> bytes:
     """Preamble, ``DICM`` and File Meta Information of a received data set's file.
 
@@ -50,10 +49,8 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
     return b"".join((b"\x00" * 128, b"DICM", group_length, body))
 
 
-
 #: How long a measured free-space figure of the spool is trusted.
 FREE_SPACE_TTL_S = 0.5
-
 
 
 class Spool:
@@ -168,7 +165,6 @@ class Spool:
         except ValueError:
             relative = Path(spooled.name)
         return self.quarantine / relative
-
 
 
 def fsync_directory(directory: Path) -> None:

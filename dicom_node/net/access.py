@@ -14,7 +14,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from dicom_node.settings import Destination, Profile, Settings
+from dicom_node.settings import Profile, Settings
 from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -97,21 +97,3 @@ def profile_for(settings: Settings, called_ae_title: str | None) -> Profile | No
             return profile
     return None
 
-
-def destinations_for(settings: Settings, called_ae_title: str | None) -> tuple[Destination, ...]:
-    """The destinations that receive reports of a study sent to *called_ae_title*.
-
-    A profile with a non-empty ``destinations`` list restricts deliveries to
-    those destinations; the main AE title, an unknown title (studies received
-    before profiles were configured) or a profile without destinations gets all
-    configured destinations.
-
-    Raises
-    ------
-    ConfigError
-        A profile names a destination that is not configured.
-    """
-    profile = profile_for(settings, called_ae_title)
-    if profile is None or not profile.destinations:
-        return settings.destinations
-    return tuple(settings.destination(name) for name in profile.destinations)

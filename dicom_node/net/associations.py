@@ -21,7 +21,7 @@ from dicom_node.db.models import AssociationLog, utcnow
 logger = logging.getLogger(__name__)
 
 
-class Outcome:
+class AssociationOutcome:
     """Values of ``associations.outcome``."""
 
     RELEASED = "released"

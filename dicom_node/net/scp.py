@@ -14,24 +14,18 @@ the association ends afterwards (released, aborted, dropped, or the node stoppin
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
-import mmap
-import os
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,9 +35,10 @@ from dicom_node.ingest.recorder import Duplicate, Peer, Recorder, duplicate_deci
 from dicom_node.ingest.spool import Spool, part10_header
 from dicom_node.net import reactors as edge_fastpath
 from dicom_node.net.access import AccessPolicy
-from dicom_node.net.associations import AssociationInfo, AssociationJournal, Outcome
+from dicom_node.net.associations import AssociationInfo, AssociationJournal, AssociationOutcome
 from dicom_node.net.dimse import Spill, StoreRequest
 from dicom_node.net.listener import start_listener
+from dicom_node.net.streaming import chunked_receive, discard_partial, streamed_dataset
 from dicom_node.net.tls import server_context
 from dicom_node.settings import Settings
 from dicom_node.statuses import RejectReason, RejectResult, RejectSource, StoreStatus, VerificationStatus
@@ -51,97 +46,9 @@ from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+
 #: Largest P-DATA PDU we accept; big PDUs mean fewer round trips through pynetdicom's reactor.
 MAX_PDU = 1_048_576
-
-#: (0002,0000) File Meta Information Group Length, explicit VR little endian, as the first element after "DICM".
-_GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
-#: Preamble, "DICM" and the group length element: where the rest of the file meta starts.
-_META_START = 128 + 4 + 12
-
-_chunked_lock = threading.Lock()
-_chunked_users = 0
-_chunked_before = False
-_tempfile_before: Any = None
-
-
-def _chunked_receive(on: bool, receiving_dir: Path | None = None) -> None:
-    """Turn pynetdicom's global ``STORE_RECV_CHUNKED_DATASET`` on while a server runs, data sets into *receiving_dir*.
-
-    pynetdicom then writes each C-STORE data set to a temporary file as its
-    fragments arrive.  The files go to the first running server's
-    ``<spool>/.receiving/`` as ``.rx-*.part`` (never to a RAM-backed /tmp; one
-    left by a crash is removed by start-up reconciliation).  Counted: on while
-    at least one server runs in this process, then back to what it was.
-    """
-    global _chunked_users, _chunked_before, _tempfile_before
-    with _chunked_lock:
-        if on:
-            if _chunked_users == 0:
-                _chunked_before = bool(_config.STORE_RECV_CHUNKED_DATASET)
-                _tempfile_before = dimse_messages.NamedTemporaryFile
-                if receiving_dir is not None:
-                    receiving_dir.mkdir(parents=True, exist_ok=True)
-                    dimse_messages.NamedTemporaryFile = _receiving_file(receiving_dir)
-            _chunked_users += 1
-            _config.STORE_RECV_CHUNKED_DATASET = True
-        elif _chunked_users > 0:
-            _chunked_users -= 1
-            if _chunked_users == 0:
-                _config.STORE_RECV_CHUNKED_DATASET = _chunked_before
-                dimse_messages.NamedTemporaryFile = _tempfile_before
-
-
-def _receiving_file(directory: Path) -> Any:
-    """pynetdicom's ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``, in *directory*."""
-    def named_temporary_file(*args: Any, **kwargs: Any) -> Any:
-        kwargs.update(dir=directory, prefix=".rx-", suffix=".part")
-        return tempfile.NamedTemporaryFile(*args, **kwargs)  # pynetdicom closes and removes it
-    return named_temporary_file
-
-
-@contextlib.contextmanager
-def streamed_dataset(path: Any) -> Iterator[memoryview]:
-    """The encoded data set of a file pynetdicom streamed a C-STORE to, memory-mapped (never read whole).
-
-    The file is pynetdicom's Part 10 file: preamble, "DICM", file meta (group
-    length first), then the data set exactly as received.
-
-    Raises
-    ------
-    ValueError
-        Not a file meta that pynetdicom writes.
-    """
-    with open(path, "rb") as stream:
-        head = stream.read(_META_START)
-        if len(head) < _META_START or head[128:132] != b"DICM" or head[132:140] != _GROUP_LENGTH_TAG:
-            raise ValueError("not a file meta pynetdicom writes")
-        start = _META_START + int.from_bytes(head[140:144], "little")
-        size = os.fstat(stream.fileno()).st_size
-        if start > size:
-            raise ValueError("file meta past the end of the file")
-        with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as whole:
-            view = whole[start:]
-            try:
-                yield view
-            finally:
-                view.release()
-
-
-def _discard_partial(assoc: Any) -> None:
-    """Close and remove the temporary file of a C-STORE data set whose receipt ended unfinished.
-
-    pynetdicom removes the file after ``EVT_C_STORE``; a data set cut off by an
-    abort or a closed connection was never handed over, and its file would stay.
-    """
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    partial = getattr(message, "_data_set_file", None)
-    if partial is None:
-        return
-    with contextlib.suppress(OSError):
-        partial.close()
-    with contextlib.suppress(OSError):
-        os.unlink(partial.name)
 
 
 _REJECT_REASONS: dict[tuple[Any, Any], str] = {
@@ -241,7 +148,7 @@ class StorageServer:
             (evt.EVT_C_ECHO, self._on_echo),
         ]
         self._receiving.mkdir(parents=True, exist_ok=True)
-        _chunked_receive(True, self._receiving)
+        chunked_receive(True, self._receiving)
         self._server = start_listener(
             self.ae, (net.bind_address, net.port), handlers, accept_timeout_s=net.acse_timeout_s,
             per_peer_limit=net.max_associations_per_peer, tls_context=self.ssl_context)
@@ -273,7 +180,7 @@ class StorageServer:
         for assoc in active:
             assoc.join(timeout=5)
         self.ae.shutdown()
-        _chunked_receive(False)
+        chunked_receive(False)
 
     # ----- association life cycle ----------------------------------------
     def _on_conn_open(self, event: Any) -> None:
@@ -325,7 +232,8 @@ class StorageServer:
             assoc.acceptor.ae_title = called  # the profile's title is answered and passes pynetdicom's check
             return
         logger.warning("association from %s (calling AE %s) refused: %s", address, calling, reason)
-        self._finish(assoc, Outcome.REJECTED, reason)  # before the A-ASSOCIATE-RJ: the peer then closes at once
+        # before the A-ASSOCIATE-RJ: the peer then closes at once
+        self._finish(assoc, AssociationOutcome.REJECTED, reason)
         assoc.acse.send_reject(*rsd)
         self._record_refusal(peer, reason)
 
@@ -340,7 +248,7 @@ class StorageServer:
         logger.warning("association from %s refused: %s", event.assoc.requestor.address, reason)
         with self._assocs_lock:
             state = self._assocs.get(id(event.assoc))
-        self._finish(event.assoc, Outcome.REJECTED, reason)
+        self._finish(event.assoc, AssociationOutcome.REJECTED, reason)
         if state is not None:
             self._record_refusal(state.peer, reason)
 
@@ -351,29 +259,29 @@ class StorageServer:
             logger.error("refused association not recorded (%s)", type(exc).__name__)
 
     def _on_released(self, event: Any) -> None:
-        self._finish(event.assoc, Outcome.RELEASED, None)
+        self._finish(event.assoc, AssociationOutcome.RELEASED, None)
 
     def _on_aborted(self, event: Any) -> None:
-        self._finish(event.assoc, Outcome.ABORTED, "association aborted")
+        self._finish(event.assoc, AssociationOutcome.ABORTED, "association aborted")
 
     def _on_conn_close(self, event: Any) -> None:
         if event.assoc.is_released:
-            self._finish(event.assoc, Outcome.RELEASED, None)
+            self._finish(event.assoc, AssociationOutcome.RELEASED, None)
         elif event.assoc.is_rejected or getattr(event.assoc.acceptor.primitive, "result", None) in (
                 RejectResult.PERMANENT, RejectResult.TRANSIENT):  # the peer closed before EVT_REJECTED reached us
-            self._finish(event.assoc, Outcome.REJECTED, self._reject_reason(event.assoc))
+            self._finish(event.assoc, AssociationOutcome.REJECTED, self._reject_reason(event.assoc))
         else:
-            self._finish(event.assoc, Outcome.ABORTED, "connection closed without A-RELEASE")
+            self._finish(event.assoc, AssociationOutcome.ABORTED, "connection closed without A-RELEASE")
 
     def _finish(self, assoc: Any, outcome: str, reason: str | None) -> None:
         with self._assocs_lock:
             state = self._assocs.pop(id(assoc), None)
-        _discard_partial(assoc)
+        discard_partial(assoc)
         if state is None:
             return
         with state.lock:  # waits for a C-STORE in progress
             state.finished = True
-            if outcome == Outcome.ABORTED:
+            if outcome == AssociationOutcome.ABORTED:
                 if state.cut_off is not None:
                     reason = state.cut_off
                 elif self._stopping:
@@ -530,3 +438,4 @@ class StorageServer:
         except SQLAlchemyError as db_exc:
             logger.error("rejection of %s not recorded (%s)", sop_instance, type(db_exc).__name__)
         return exc.status, exc.reason
+

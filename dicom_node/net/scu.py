@@ -21,6 +21,7 @@ from dicom_node.net.requestor import associate
 from dicom_node.net.tls import client_context
 from dicom_node.settings import Destination, Settings
 from dicom_node.statuses import FailureClass, RejectResult, classify_store_status, is_success, is_warning
+from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +45,28 @@ class SendResult:
         return is_warning(self.status)
 
 
-def _ae(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.network.ae_title)
-    ae.acse_timeout = settings.network.acse_timeout_s
-    ae.dimse_timeout = settings.network.dimse_timeout_s
-    ae.network_timeout = settings.network.network_timeout_s
-    ae.connection_timeout = settings.network.acse_timeout_s
+#: Timeouts (s) of an association requested without the node's settings (a tool's C-ECHO).
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def _ae(settings: Settings | None, calling_ae_title: str | None = None) -> AE:
+    net = settings.network if settings is not None else None
+    ae = AE(ae_title=calling_ae_title or (net.ae_title if net is not None else "DICOM_NODE"))
+    ae.acse_timeout = net.acse_timeout_s if net is not None else DEFAULT_TIMEOUT_S
+    ae.dimse_timeout = net.dimse_timeout_s if net is not None else DEFAULT_TIMEOUT_S
+    ae.network_timeout = net.network_timeout_s if net is not None else DEFAULT_TIMEOUT_S
+    ae.connection_timeout = ae.acse_timeout
     return ae
 
 
-def _associate(ae: AE, destination: Destination, settings: Settings) -> tuple[Association, SendResult | None]:
+def _associate(ae: AE, destination: Destination,
+               settings: Settings | None) -> tuple[Association, SendResult | None]:
     """Open an association; the second item is the classified failure, or None when established."""
     opened: list[bool] = []
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda event: opened.append(True))]
-    tls_args = (client_context(settings.network.tls), destination.host) if destination.tls else None
+    if destination.tls and settings is None:
+        raise ConfigError(f"destination {destination.name}: TLS needs the node's settings (network.tls)")
+    tls_args = (client_context(settings.network.tls), destination.host) if destination.tls and settings else None
     assoc = associate(ae, destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
                       evt_handlers=handlers)
     if assoc.is_established:
@@ -122,9 +131,14 @@ def send_file(path: Path, destination: Destination, settings: Settings) -> SendR
     return SendResult(status, f"C-STORE status 0x{status:04X}", failure_class)
 
 
-def echo(destination: Destination, settings: Settings) -> SendResult:
-    """C-ECHO a destination (TLS when ``destination.tls``)."""
-    ae = _ae(settings)
+def echo(destination: Destination, settings: Settings | None = None, *,
+         calling_ae_title: str | None = None) -> SendResult:
+    """C-ECHO a destination (TLS when ``destination.tls``): the node's one C-ECHO.
+
+    With *settings*, as the node (its AE title, timeouts and TLS files); without,
+    as *calling_ae_title* with :data:`DEFAULT_TIMEOUT_S` (tools and tests).
+    """
+    ae = _ae(settings, calling_ae_title)
     ae.add_requested_context(Verification)
     assoc, failure = _associate(ae, destination, settings)
     if failure is not None:

@@ -1,4 +1,4 @@
-"""The objects a run writes: SR and PDF, their UIDs, key slices and the validation gate.
+"""The objects a run writes: SR and PDF (UIDs from :mod:`structured_reports.uids`) and the validation gate.
 
 Called by :mod:`dicom_node.runs.processing` at the end of every run.  The rules:
 
@@ -17,8 +17,6 @@ Called by :mod:`dicom_node.runs.processing` at the end of every run.  The rules:
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -26,47 +24,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import nibabel as nib
-import numpy as np
 import pydicom
-from numpy.typing import NDArray
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.db.models import Run
 from dicom_node.settings import Settings
-from pipeline.errors import NodeError
 from structured_reports.pdf import build_pdf
 from structured_reports.sr import build_sr
 from structured_reports.types import KeySlice, ReportError, ReportInput
-from structured_reports.uids import UidKind, derive_uid
+from structured_reports.uids import object_uids
 from structured_reports.validate import ValidatorUnavailableError, validate_dataset, validate_file
 
 logger = logging.getLogger(__name__)
 
+
 ObjectKind = Literal["sr", "pdf"]
+
 
 #: Series Numbers of the node's series (fixed, never random).
 SR_SERIES_NUMBER = 9001
+
+
 PDF_SERIES_NUMBER = 9002
+
 
 #: File names in ``<outbox>/<run id>/``.
 OBJECT_FILES: dict[str, str] = {"sr": "sr.dcm", "pdf": "pdf.dcm"}
 
+
 #: Suffix of objects that failed validation (kept for inspection, never sent).
 INVALID_SUFFIX = ".invalid"
-
-#: Key slices of the PDF: (axis of the DHW volume, MNI coordinate in mm, caption).
-KEY_SLICE_PLANES: tuple[tuple[int, float, str], ...] = (
-    (0, 8.0, "Axial, z = 8 mm (MNI)"),
-    (1, -22.0, "Coronal, y = -22 mm (hippocampi)"),
-    (2, -28.0, "Sagittal, x = -28 mm (left hippocampus)"),
-)
-
-_UID_KINDS: dict[str, tuple[UidKind, UidKind]] = {
-    "sr": (UidKind.SR_SERIES, UidKind.SR_INSTANCE),
-    "pdf": (UidKind.PDF_SERIES, UidKind.PDF_INSTANCE),
-}
 
 
 @dataclass(frozen=True)
@@ -103,97 +91,6 @@ class WrittenObject:
         """The JSON entry of ``runs.validation_messages``."""
         return {"object": self.kind, "sop_instance_uid": self.sop_instance_uid, "ok": self.ok,
                 "reused": self.reused, "errors": self.errors, "warnings": self.warnings}
-
-
-def run_identity(study_uid: str, chosen: str | None, input_hash: str, weights_sha256: str, *,
-                 outcome: str | None = None, notes: Sequence[Any] = ()) -> tuple[str, ...]:
-    """The parts every UID of a run is derived from.
-
-    Parameters
-    ----------
-    study_uid, chosen, input_hash, weights_sha256 : str
-        Study, analysed series (None: none selected), hash of the input and of the model weights.
-    outcome : str or None, optional
-        Outcome of a run that was not analysed: a refusal and a result on the same input must
-        never share a UID.
-    notes : Sequence, optional
-        The notes used (``runs.notes_used``: ids and dates): other notes, other result.
-
-    Returns
-    -------
-    tuple[str, ...]
-        The identity (without the object kind).
-    """
-    identity = [study_uid, chosen or "no series selected", input_hash, weights_sha256]
-    if outcome is not None:
-        identity.append(f"not-analysed:{outcome}")
-    if notes:
-        identity.append("notes:" + hashlib.sha256(json.dumps(list(notes), sort_keys=True).encode()).hexdigest())
-    return tuple(identity)
-
-
-def object_uids(identity: Sequence[str], kind: str) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID) of one object kind of a run."""
-    series_kind, instance_kind = _UID_KINDS[kind]
-    return str(derive_uid(*identity, series_kind)), str(derive_uid(*identity, instance_kind))
-
-
-def _template_dhw(template_path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
-    """The template in the (D, H, W) = reversed-LPS order of :mod:`pipeline.preprocess`, and its
-    voxel-to-RAS affine in that order."""
-    image = nib.as_closest_canonical(nib.load(str(template_path)))
-    ras = np.asarray(image.dataobj, dtype=np.float32)  # axes x (L->R), y (P->A), z (I->S)
-    dhw = np.ascontiguousarray(ras.transpose(2, 1, 0)[:, ::-1, ::-1])
-    nx, ny, _ = ras.shape
-    # (d, h, w) -> (i, j, k) = (nx-1-w, ny-1-h, d), then the canonical affine.
-    to_ijk = np.array([[0, 0, -1, nx - 1], [0, -1, 0, ny - 1], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
-    return dhw, np.asarray(image.affine, dtype=np.float64) @ to_ijk
-
-
-def key_slices(registered: NDArray[np.float32], template_path: Path) -> list[KeySlice]:
-    """Axial, coronal and sagittal slices of the registered brain with the template's outline.
-
-    Parameters
-    ----------
-    registered : numpy.ndarray
-        :attr:`pipeline.preprocess.Preprocessed.registered`: the subject on the template grid,
-        (D, H, W) in reversed LPS order.
-    template_path : Path
-        The template it was registered to (brain-extracted: its non-zero voxels are the brain).
-
-    Returns
-    -------
-    list[KeySlice]
-        Slices oriented the radiological way (superior/anterior up, patient's right on the left),
-        intensities scaled to [0, 1], each with the template brain as outline.
-
-    Raises
-    ------
-    NodeError
-        If the registered volume is not on the template grid.
-    """
-    template, affine = _template_dhw(template_path)
-    if registered.shape != template.shape:
-        raise NodeError(f"registered volume {registered.shape} is not on the template grid {template.shape}")
-    brain = template > 0
-    inside = registered[brain]
-    top = float(np.percentile(inside, 99.5)) if inside.size else float(registered.max())
-    scaled = np.clip(registered / top, 0.0, 1.0) if top > 0 else np.zeros_like(registered)
-    ras_to_dhw = np.linalg.inv(affine)
-    slices = []
-    for axis, mm, title in KEY_SLICE_PLANES:
-        point = np.zeros(4)
-        point[3] = 1.0
-        point[{0: 2, 1: 1, 2: 0}[axis]] = mm  # DHW axis 0 is z, 1 is y, 2 is x
-        index = round(float((ras_to_dhw @ point)[axis]))
-        index = min(max(index, 0), registered.shape[axis] - 1)
-        image = np.take(scaled, index, axis=axis)
-        outline = np.take(brain, index, axis=axis)
-        if axis != 0:  # coronal/sagittal: D grows superior, show superior at the top
-            image, outline = image[::-1], outline[::-1]
-        slices.append(KeySlice(image=np.ascontiguousarray(image, dtype=np.float32),
-                               outline=np.ascontiguousarray(outline), title=title))
-    return slices
 
 
 def read_predecessor(settings: Settings, session: Session, run_id: str) -> pydicom.Dataset | None:
@@ -321,3 +218,4 @@ def write_objects(
             continue
         written.append(_gate(kind, ds, None, target, sop_uid, reused=False))
     return written
+

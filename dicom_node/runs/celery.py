@@ -20,8 +20,9 @@ from typing import Any
 
 from celery import Celery, Task
 
-from dicom_node.db.session import Database, open_database
+from dicom_node.db.session import Database
 from dicom_node.runs.claims import BUSY_RETRY_S, ClaimRefusedError, RunLocks, require_shared_database, run_guarded
+from dicom_node.runs.worker import bootstrap
 from dicom_node.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -79,16 +80,9 @@ class WorkerRuntime:
     def get(self) -> _Loaded:
         """This process's runtime (built on first call)."""
         if self._loaded is None or self._pid != os.getpid():
-            from dicom_node.runs.context import build_run_context
-            from dicom_node.runs.processing import process_run
-
             settings = self.settings
-            for directory in (settings.work_dir, settings.outbox_dir):
-                directory.mkdir(parents=True, exist_ok=True)
-            db = open_database(settings.database_url, migrate=False)
-            context = build_run_context(settings, db.sessions)
-            self._loaded = _Loaded(db=db, locks=RunLocks(settings.database_url),
-                                   execute=lambda run_id: process_run(run_id, context))
+            db, context, execute = bootstrap(settings)
+            self._loaded = _Loaded(db=db, locks=RunLocks(settings.database_url), execute=execute)
             self._pid = os.getpid()
             logger.info("worker process %d ready: model %s on %s", self._pid, context.predictor.info.name,
                         settings.model.device)

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
@@ -41,10 +41,8 @@ if TYPE_CHECKING:
 ENQUEUED = "(enqueued)"
 
 
-
 #: Claims of one run (first claim plus takeovers) before it is marked failed.
 MAX_ATTEMPTS = 3
-
 
 
 #: After MAX_ATTEMPTS lost workers, further claims only write the "not analysed: processing was interrupted"
@@ -54,30 +52,23 @@ MAX_ATTEMPTS = 3
 REPORT_ONLY_CLAIMS = 5
 
 
-
 ATTEMPT_LIMIT = MAX_ATTEMPTS + REPORT_ONLY_CLAIMS
-
 
 
 #: Seconds before a task retries a run that a live worker holds.
 BUSY_RETRY_S = 30.0
 
 
-
 TERMINAL_STATES = frozenset({RunState.SUCCEEDED.value, RunState.NOT_ANALYSED.value, RunState.FAILED.value})
-
 
 
 _held_lock: ContextVar[str | None] = ContextVar("dicom_node_held_run_lock", default=None)
 
 
-
 _identity: tuple[int, str] | None = None
 
 
-
 _identity_lock = threading.Lock()
-
 
 
 class ClaimRefusedError(NodeError):
@@ -102,7 +93,6 @@ class ClaimRefusedError(NodeError):
         return self.state in TERMINAL_STATES
 
 
-
 def worker_id() -> str:
     """This process's identity in ``runs.claimed_by``: ``host:pid:token`` (new after a fork)."""
     global _identity
@@ -111,7 +101,6 @@ def worker_id() -> str:
         if _identity is None or _identity[0] != pid:
             _identity = (pid, f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}")
         return _identity[1]
-
 
 
 def claim_run(sessions: sessionmaker[Session], run_id: str) -> str:
@@ -182,7 +171,6 @@ def claim_run(sessions: sessionmaker[Session], run_id: str) -> str:
     return me
 
 
-
 def mark_crashed(sessions: sessionmaker[Session], run_id: str, traceback: str | None = None) -> None:
     """A run whose processing raised: ``failed``, if this worker still holds it.
 
@@ -197,7 +185,6 @@ def mark_crashed(sessions: sessionmaker[Session], run_id: str, traceback: str | 
             run.error_reason = "internal error while processing (see the run's error traceback and the node log)"
             if run.error_traceback is None:
                 run.error_traceback = traceback
-
 
 
 def run_guarded(run_id: str, execute: Callable[[str], None], sessions: sessionmaker[Session]) -> None:
@@ -215,12 +202,10 @@ def run_guarded(run_id: str, execute: Callable[[str], None], sessions: sessionma
         mark_crashed(sessions, run_id, text)
 
 
-
 def lock_key(run_id: str) -> int:
     """The 64-bit advisory-lock key of a run."""
     digest = hashlib.sha256(b"dicom-node run " + run_id.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
 
 
 class RunLocks:
@@ -291,3 +276,35 @@ def require_shared_database(url: str) -> None:
         raise ConfigError("processing.executor = 'celery' needs a database shared by all workers: "
                           "set database.url to PostgreSQL (postgresql+psycopg://...)")
 
+
+def requeue(sessions: sessionmaker[Session], run_id: str | None = None, claimed_by: str | None = None) -> int:
+    """Put ``running`` runs back in the queue; returns how many.
+
+    Without *run_id*: every such run (at start-up, runs left by a stop or a
+    crash).  With it: that run, and only while *claimed_by* still holds it (a
+    worker that died during the run; a run another worker took over is left alone).
+    """
+    condition = [Run.state == RunState.RUNNING.value]
+    if run_id is not None:
+        condition += [Run.id == run_id, Run.claimed_by == claimed_by]
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Run).where(*condition).values(state=RunState.QUEUED.value, claimed_by=None, claimed_at=None)
+            .execution_options(synchronize_session=False))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def oldest_queued(sessions: sessionmaker[Session], limit: int, *, exclude: Collection[str] = (),
+                  unpublished: bool = False) -> list[str]:
+    """Ids of the oldest queued runs, at most *limit*: what every executor hands out next.
+
+    *exclude*: runs already handed to a worker; *unpublished*: only runs not yet
+    sent to a broker (``claimed_by`` empty; the Celery executor marks published ones).
+    """
+    query = select(Run.id).where(Run.state == RunState.QUEUED.value)
+    if exclude:
+        query = query.where(Run.id.not_in(list(exclude)))
+    if unpublished:
+        query = query.where(Run.claimed_by.is_(None))
+    with sessions() as session:
+        return list(session.scalars(query.order_by(Run.created_at).limit(limit)).all())

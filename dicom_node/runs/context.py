@@ -57,13 +57,11 @@ def series_rules(settings: Settings) -> SelectionRules:
     return load_rules(settings.series_rules_path)
 
 
-
 def preprocess_config(settings: Settings) -> PreprocessConfig:
     """The preprocessing settings and QC limits of runs (``processing.registration``, ``processing.n4``)."""
     from pipeline.preprocess import PreprocessConfig
 
     return PreprocessConfig(registration=settings.processing.registration, n4=settings.processing.n4)
-
 
 
 def build_run_context(settings: Settings, sessions: sessionmaker[Session]) -> RunContext:

@@ -52,11 +52,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import Run, RunState, utcnow
-from dicom_node.runs.claims import ENQUEUED, ClaimRefusedError, require_shared_database, run_guarded
+from dicom_node.runs.claims import ENQUEUED, ClaimRefusedError, oldest_queued, require_shared_database, run_guarded
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -67,10 +67,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
 #: Runs the Celery executor publishes per scheduler tick.
 PUBLISH_BATCH = 200
-
 
 
 class RunExecutor(Protocol):
@@ -86,7 +84,6 @@ class RunExecutor(Protocol):
     def shutdown(self, wait: bool) -> None:
         """Stop; with *wait*, let runs in progress finish."""
         ...
-
 
 
 class LocalExecutor:
@@ -119,10 +116,7 @@ class LocalExecutor:
         free = self.workers - len(self._inflight)
         if free <= 0:
             return 0
-        with self.sessions() as session:
-            queued = session.scalars(
-                select(Run.id).where(Run.state == RunState.QUEUED.value).order_by(Run.created_at).limit(free)
-            ).all()
+        queued = oldest_queued(self.sessions, free)
         submitted = 0
         for run_id in queued:
             if run_id not in self._inflight:
@@ -139,7 +133,6 @@ class LocalExecutor:
     def shutdown(self, wait: bool) -> None:
         """Stop the pool."""
         self.pool.shutdown(wait=wait, cancel_futures=True)
-
 
 
 class CeleryExecutor:
@@ -171,11 +164,7 @@ class CeleryExecutor:
 
         from dicom_node.runs.celery import TASK_NAME
 
-        with self.sessions() as session:
-            queued = session.scalars(
-                select(Run.id).where(Run.state == RunState.QUEUED.value, Run.claimed_by.is_(None))
-                .order_by(Run.created_at).limit(PUBLISH_BATCH)
-            ).all()
+        queued = oldest_queued(self.sessions, PUBLISH_BATCH, unpublished=True)
         published = 0
         for run_id in queued:
             try:  # publish first: a crash before the mark re-publishes (harmless), never loses the run

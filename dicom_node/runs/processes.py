@@ -58,11 +58,10 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import Run, RunState
+from dicom_node.runs.claims import oldest_queued, requeue
 from dicom_node.runs.worker import LogConfig, worker_main
 from dicom_node.settings import Settings
 from pipeline.errors import NodeError
@@ -76,21 +75,6 @@ RESTART_BACKOFF_S = (2.0, 120.0)
 
 _live: set[ProcessExecutor] = set()
 _live_lock = threading.Lock()
-
-
-def requeue_lost_run(sessions: sessionmaker[Session], run_id: str, claimed_by: str) -> bool:
-    """Put a run whose worker died back in the queue, if that worker still held it; True when done."""
-    with sessions.begin() as session:
-        result = session.execute(
-            update(Run).where(Run.id == run_id, Run.state == RunState.RUNNING.value, Run.claimed_by == claimed_by)
-            .values(state=RunState.QUEUED.value, claimed_by=None, claimed_at=None)
-            .execution_options(synchronize_session=False))
-        requeued = int(result.rowcount or 0) == 1  # type: ignore[attr-defined]
-        attempts = session.scalar(select(Run.attempts).where(Run.id == run_id))
-    if requeued:
-        logger.warning("run %s back in the queue after losing its worker (claimed %s time(s) so far)", run_id,
-                       attempts)
-    return requeued
 
 
 def _exit_text(code: int | None) -> str:
@@ -177,11 +161,7 @@ class ProcessExecutor:
             busy = [w.run_id for w in self._pool if w.run_id is not None]
         if not idle:
             return 0
-        query = select(Run.id).where(Run.state == RunState.QUEUED.value)
-        if busy:
-            query = query.where(Run.id.not_in(busy))
-        with self.sessions() as session:
-            queued = session.scalars(query.order_by(Run.created_at).limit(len(idle))).all()
+        queued = oldest_queued(self.sessions, len(idle), exclude=busy)
         handed = 0
         with self._cond:
             for worker, run_id in zip(idle, queued, strict=False):
@@ -210,7 +190,7 @@ class ProcessExecutor:
             _live.discard(self)
         try:
             self._requeue_lost()
-        except SQLAlchemyError as exc:  # requeue_unfinished puts them back at the next start
+        except SQLAlchemyError as exc:  # the scheduler's start-up requeue puts them back at the next start
             logger.warning("runs of lost workers not requeued now (%s)", type(exc).__name__)
 
     def worker_pids(self) -> list[int]:
@@ -223,7 +203,8 @@ class ProcessExecutor:
             lost, self._lost = self._lost, []
         for index, (run_id, claimed_by) in enumerate(lost):
             try:
-                requeue_lost_run(self.sessions, run_id, claimed_by)
+                if requeue(self.sessions, run_id, claimed_by):
+                    logger.warning("run %s back in the queue after losing its worker", run_id)
             except SQLAlchemyError:
                 with self._cond:
                     self._lost[:0] = lost[index:]

@@ -32,8 +32,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db.models import Delivery, DeliveryState, Instance, Run, RunState, Series, Study, utcnow
 from dicom_node.db.notes import NodeNotes
 from dicom_node.ingest.completeness import study_input_lossy
-from dicom_node.net.access import destinations_for
-from dicom_node.outbox.objects import key_slices, run_identity, write_objects
+from dicom_node.outbox.objects import write_objects
+from dicom_node.outbox.routing import routes
 from dicom_node.runs.context import RunContext
 from model.types import Prediction
 from pipeline.convert import convert_series
@@ -41,15 +41,15 @@ from pipeline.errors import ConfigError, NodeError, NotAnalysed, Outcome, audit_
 from pipeline.notes import ClinicalNote, choose_notes, format_note_text
 from pipeline.preprocess import Preprocessed, default_template_path, preprocess
 from pipeline.select import SeriesCandidate, select_series
+from structured_reports.keyslices import key_slices
 from structured_reports.texts import processing_failure_text
 from structured_reports.types import DeviceInfo, KeySlice, NotesUsed, ReportInput
+from structured_reports.uids import run_identity
 
 logger = logging.getLogger(__name__)
 
 
-
 PREPROCESSING_VERSION = "1.0"
-
 
 
 @dataclass
@@ -61,7 +61,6 @@ class _Progress:
     key_slices: list[KeySlice] = field(default_factory=list)
     #: The stage running, or the last one begun (its result being recorded); ``started`` before the first.
     stage: str = "started"
-
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,6 @@ class _Failure:
         return {"error_stage": self.stage, "error_traceback": self.traceback}
 
 
-
 def _failed(run_id: str, stage: str, exc: Exception) -> tuple[_Failure, str]:
     """Record-ready failure and the radiologist's sentence for an exception that stopped a run.
 
@@ -88,7 +86,6 @@ def _failed(run_id: str, stage: str, exc: Exception) -> tuple[_Failure, str]:
     return failure, processing_failure_text(stage, run_id, configuration=isinstance(exc, ConfigError))
 
 
-
 @contextmanager
 def _stage(progress: _Progress, name: str) -> Iterator[None]:
     progress.stage = name
@@ -96,7 +93,6 @@ def _stage(progress: _Progress, name: str) -> Iterator[None]:
     yield
     progress.seconds[name] = round(time.perf_counter() - start, 3)
     progress.stamps[f"{name}_at"] = utcnow()
-
 
 
 def _apply(session: Session, run_id: str, values: dict[str, Any]) -> None:
@@ -107,11 +103,9 @@ def _apply(session: Session, run_id: str, values: dict[str, Any]) -> None:
         setattr(run, key, value)
 
 
-
 def _update(sessions: sessionmaker[Session], run_id: str, **values: Any) -> None:
     with sessions.begin() as session:
         _apply(session, run_id, values)
-
 
 
 def _study_headers(session: Session, study_id: int) -> dict[str, list[tuple[Path, Dataset]]]:
@@ -134,7 +128,6 @@ def _study_headers(session: Session, study_id: int) -> dict[str, list[tuple[Path
     return by_series
 
 
-
 def _input_hash(session: Session, series_uid: str) -> str:
     digests = session.scalars(
         select(Instance.sha256)
@@ -143,7 +136,6 @@ def _input_hash(session: Session, series_uid: str) -> str:
         .order_by(Instance.sop_instance_uid)
     ).all()
     return hashlib.sha256("".join(digests).encode()).hexdigest()
-
 
 
 def _notes_for(ctx: RunContext, study: Study) -> list[ClinicalNote]:
@@ -160,7 +152,6 @@ def _notes_for(ctx: RunContext, study: Study) -> list[ClinicalNote]:
     )
 
 
-
 def _device(ctx: RunContext) -> DeviceInfo:
     dev = ctx.settings.device
     return DeviceInfo(
@@ -173,7 +164,6 @@ def _device(ctx: RunContext) -> DeviceInfo:
     )
 
 
-
 def _analyse(
     ctx: RunContext, run_id: str, by_series: dict[str, list[tuple[Path, Dataset]]], progress: _Progress
 ) -> tuple[str, Prediction, NotesUsed]:
@@ -183,12 +173,10 @@ def _analyse(
         candidates = [SeriesCandidate(uid, [ds for _, ds in items]) for uid, items in by_series.items()]
         selection = select_series(candidates, ctx.rules)
     chosen = selection.chosen.series_instance_uid
-    _update(
-        sessions, run_id, series_instance_uid=chosen, selection=[_decision_json(d) for d in selection.decisions],
-        selected_at=progress.stamps["selected_at"],
-    )
-    with sessions() as session:
-        _update(sessions, run_id, input_sha256=_input_hash(session, chosen))
+    with sessions.begin() as session:
+        _apply(session, run_id, {
+            "series_instance_uid": chosen, "selection": [_decision_json(d) for d in selection.decisions],
+            "selected_at": progress.stamps["selected_at"], "input_sha256": _input_hash(session, chosen)})
     workdir = ctx.settings.work_dir / run_id
     with _stage(progress, "converted"):
         workdir.mkdir(parents=True, exist_ok=True)
@@ -199,11 +187,12 @@ def _analyse(
     progress.seconds.update({f"preprocess.{k}": round(v, 3) for k, v in pre.stage_seconds.items()})
     _update(sessions, run_id, preprocessed_at=progress.stamps["preprocessed_at"], qc=_json_floats(pre.qc))
     progress.key_slices = _key_slices(ctx, run_id, pre)
-    with _stage(progress, "notes_joined"), sessions() as session:
-        study = session.scalar(select(Study).join(Run).where(Run.id == run_id))
+    with _stage(progress, "notes_joined"):
+        with sessions() as session:
+            study = session.scalar(select(Study).join(Run).where(Run.id == run_id))
         if study is None:
             raise NodeError(f"run {run_id} has no study")
-        notes = _notes_for(ctx, study)
+        notes = _notes_for(ctx, study)  # the notes store opens its own session
     _update(
         sessions, run_id, notes_joined_at=progress.stamps["notes_joined_at"],
         notes_used=[{"id": n.note_id, "date": n.note_date.isoformat(), "type": n.note_type} for n in notes],
@@ -212,7 +201,6 @@ def _analyse(
         prediction = ctx.predictor.predict(pre.volume, format_note_text(notes) if notes else None)
     _update(sessions, run_id, inferred_at=progress.stamps["inferred_at"])
     return chosen, prediction, NotesUsed(tuple(n.note_date for n in notes))
-
 
 
 def _decision_json(decision: Any) -> dict[str, Any]:
@@ -226,10 +214,8 @@ def _decision_json(decision: Any) -> dict[str, Any]:
     }
 
 
-
 def _json_floats(values: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, (int, float)) else str(v)) for k, v in values.items()}
-
 
 
 def process_run(run_id: str, ctx: RunContext) -> None:
@@ -289,9 +275,9 @@ def process_run(run_id: str, ctx: RunContext) -> None:
     except Exception as exc:  # noqa: BLE001 - our NodeError or a bug: still an answer, in plain words
         failure, reason = _failed(run_id, progress.stage, exc)
         not_analysed, state = (Outcome.PROCESSING_ERROR, reason), RunState.NOT_ANALYSED
+    inputs = _Inputs(study_uid, sequence, created_at, by_series)
     try:
-        _finish(ctx, run_id, study_uid, sequence, created_at, by_series, chosen, prediction, not_analysed,
-                notes_used, progress, state, failure)
+        _finish(ctx, run_id, inputs, _Result(chosen, prediction, not_analysed, notes_used, state, failure), progress)
     except Exception as exc:
         failure, reason = _report_failed(run_id, exc, failure)
         _update(sessions, run_id, **failure.columns())  # in the audit record whatever happens next
@@ -299,9 +285,8 @@ def process_run(run_id: str, ctx: RunContext) -> None:
             raise
         # The result's report failed: the radiologist still gets a "not analysed" report saying so.
         progress.key_slices = []
-        _finish(ctx, run_id, study_uid, sequence, created_at, by_series, chosen, None,
-                (Outcome.PROCESSING_ERROR, reason), NotesUsed(), progress, RunState.NOT_ANALYSED, failure)
-
+        _finish(ctx, run_id, inputs, _Result(chosen, None, (Outcome.PROCESSING_ERROR, reason), NotesUsed(),
+                                             RunState.NOT_ANALYSED, failure), progress)
 
 
 def _report_failed(run_id: str, exc: Exception, earlier: _Failure | None) -> tuple[_Failure, str]:
@@ -314,23 +299,35 @@ def _report_failed(run_id: str, exc: Exception, earlier: _Failure | None) -> tup
     return _Failure(failure.stage, text), reason
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What the run read at its start: the study and the headers of its spooled instances."""
 
-def _finish(
-    ctx: RunContext,
-    run_id: str,
-    study_uid: str,
-    sequence: int,
-    created_at: datetime,
-    by_series: dict[str, list[tuple[Path, Dataset]]],
-    chosen: str | None,
-    prediction: Prediction | None,
-    not_analysed: tuple[Outcome, str] | None,
-    notes_used: NotesUsed,
-    progress: _Progress,
-    state: RunState,
-    failure: _Failure | None = None,
-) -> None:
-    """Build, validate and queue the SR and the PDF; record the outcome (and ``failure``, where the run stopped)."""
+    study_uid: str
+    #: The run's number among its study's runs (the objects' Instance Number).
+    sequence: int
+    created_at: datetime
+    by_series: dict[str, list[tuple[Path, Dataset]]]
+
+
+@dataclass(frozen=True)
+class _Result:
+    """What the analysis gave: a prediction, or why the study was not analysed."""
+
+    chosen: str | None
+    prediction: Prediction | None
+    not_analysed: tuple[Outcome, str] | None
+    notes_used: NotesUsed
+    state: RunState
+    #: Where the run stopped, for the audit record (None when it did not fail).
+    failure: _Failure | None = None
+
+
+def _finish(ctx: RunContext, run_id: str, inputs: _Inputs, result: _Result, progress: _Progress) -> None:
+    """Build, validate and queue the SR and the PDF; record the outcome (and where the run stopped, if it failed)."""
+    study_uid, sequence, created_at, by_series = inputs.study_uid, inputs.sequence, inputs.created_at, inputs.by_series
+    chosen, prediction, not_analysed = result.chosen, result.prediction, result.not_analysed
+    notes_used, state, failure = result.notes_used, result.state, result.failure
     progress.stage = "report_built"
     sessions = ctx.sessions
     info = ctx.predictor.info
@@ -353,7 +350,7 @@ def _finish(
                                 outcome=not_analysed[0].value if not_analysed is not None else None)
         written = write_objects(ctx.settings, session, run_id, sources, report, identity,
                                 instance_number=sequence, content_datetime=created_at, slices=progress.key_slices)
-        destinations, routing_error = _destinations(ctx, session, run_id)
+        destinations, routing_error = routes(ctx.settings, session, run_id)
     by_kind = {obj.kind: obj for obj in written}
     invalid = [obj for obj in written if not obj.ok]
     values: dict[str, Any] = {
@@ -396,24 +393,6 @@ def _finish(
                                      next_attempt_at=now, state=DeliveryState.PENDING.value, attempts=0))
     shutil.rmtree(ctx.settings.work_dir / run_id, ignore_errors=True)
     logger.info("run %s finished: %s", run_id, values.get("predicted_class") or values.get("outcome"))
-
-
-
-def _destinations(ctx: RunContext, session: Session, run_id: str) -> tuple[list[tuple[str, tuple[str, ...]]],
-                                                                           str | None]:
-    """(destination name, object kinds) of each destination of this run's study, or an error.
-
-    The study's called AE title picks the destinations (``network.profiles``); a profile
-    naming an unknown destination sends nothing and the run says why.
-    """
-    called = session.scalar(select(Study.called_ae_title).join(Run).where(Run.id == run_id))
-    try:
-        chosen = destinations_for(ctx.settings, called)
-    except ConfigError as exc:
-        logger.error("run %s: no delivery, destinations misconfigured: %s", run_id, exc)
-        return [], f"not sent: {exc}"
-    return [(dest.name, tuple(dest.objects)) for dest in chosen], None
-
 
 
 def _key_slices(ctx: RunContext, run_id: str, pre: Preprocessed) -> list[KeySlice]:

@@ -15,13 +15,20 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from types import FrameType
+from typing import TYPE_CHECKING
 
+from dicom_node.db.session import Database, open_database
+from dicom_node.logformat import make_formatter
 from dicom_node.runs.claims import ClaimRefusedError, run_guarded, worker_id
 from dicom_node.settings import Settings
 from pipeline.errors import NodeError
+
+if TYPE_CHECKING:
+    from dicom_node.runs.context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ class LogConfig:
             else:
                 handler = logging.FileHandler(spec.target, mode="a", encoding="utf-8")
             handler.setLevel(spec.level)
-            handler.setFormatter(logging.Formatter(spec.fmt, spec.datefmt))
+            handler.setFormatter(make_formatter(spec.fmt, spec.datefmt))  # logging.format = "json" too
             root.addHandler(handler)
         root.setLevel(self.root_level)
         for name, level in self.levels:
@@ -125,6 +132,28 @@ class _StopSignal:
             raise SystemExit(0)
 
 
+def bootstrap(settings: Settings) -> tuple[Database, RunContext, Callable[[str], None]]:
+    """What every process that processes runs needs, built once: database, models and rules, the run function.
+
+    The one start-up of the node's worker processes (:func:`worker_main`) and
+    of Celery worker processes (:class:`~dicom_node.runs.celery.WorkerRuntime`):
+    work and outbox directories, the database (never migrated here: the node
+    owns the schema), :func:`~dicom_node.runs.context.build_run_context`.
+    """
+    from dicom_node.runs.context import build_run_context
+    from dicom_node.runs.processing import process_run
+
+    for directory in (settings.work_dir, settings.outbox_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    db = open_database(settings.database_url, migrate=False)
+    try:
+        context = build_run_context(settings, db.sessions)
+    except BaseException:
+        db.engine.dispose()
+        raise
+    return db, context, lambda run_id: process_run(run_id, context)
+
+
 def worker_main(conn: Connection, settings: Settings, log_config: LogConfig, parent_pid: int) -> None:
     """A worker process: load once, then process the runs the node sends until told to stop."""
     die_with_parent(parent_pid)
@@ -134,14 +163,7 @@ def worker_main(conn: Connection, settings: Settings, log_config: LogConfig, par
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # like ``dicom-node serve``: stacks to stderr
     log_config.apply()
     try:
-        from dicom_node.db.session import open_database
-        from dicom_node.runs.context import build_run_context
-        from dicom_node.runs.processing import process_run
-
-        for directory in (settings.work_dir, settings.outbox_dir):
-            directory.mkdir(parents=True, exist_ok=True)
-        db = open_database(settings.database_url, migrate=False)
-        context = build_run_context(settings, db.sessions)
+        db, context, execute = bootstrap(settings)
     except Exception as exc:  # told to the node, which refuses to start with this message
         if not isinstance(exc, NodeError):
             logger.exception("run worker %d could not start", os.getpid())
@@ -161,7 +183,7 @@ def worker_main(conn: Connection, settings: Settings, log_config: LogConfig, par
             run_id = message[1]
             stop.busy = True
             try:
-                run_guarded(run_id, lambda run: process_run(run, context), db.sessions)
+                run_guarded(run_id, execute, db.sessions)
             except ClaimRefusedError as exc:
                 logger.info("%s", exc)
             conn.send(("done", run_id))

@@ -90,6 +90,7 @@ class NodeProcess:
         env.update({
             "DICOM_NODE_STORAGE__DATA_DIR": str(self.data_dir),
             "DICOM_NODE_NETWORK__PORT": str(self.port),
+            "DICOM_NODE_HTTP__PORT": "0",
             "DICOM_NODE_NETWORK__AE_TITLE": NODE_AE,
             "DICOM_NODE_NETWORK__ALLOWED_CALLING_AE_TITLES": SCANNER_AE,
             "DICOM_NODE_DESTINATIONS": json.dumps(

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from dicom_node.cli.localpacs import LocalOrthanc, wait_for
 from dicom_node.db.models import AssociationLog, Delivery, DeliveryState, Instance, Run, RunState, Study
 from dicom_node.db.session import Database, open_database
-from dicom_node.net.associations import Outcome
+from dicom_node.net.associations import AssociationOutcome
 from tests.chaos.fuzz import generate
 from tests.chaos.node_process import NodeProcess, echo_ok
 from tests.chaos.traffic import Ledger, make_study, send_files, send_until_acked
@@ -341,7 +341,8 @@ def load(root: Path, pacs: LocalOrthanc, model: Path, *, senders: int, duration_
                         for s in studies if s.study_instance_uid in seen)
     check_outcome(node, db, pacs, ledger, studies, findings)
     with db.sessions() as session:
-        aborted = session.scalar(select(func.count(AssociationLog.id)).where(AssociationLog.outcome == Outcome.ABORTED))
+        aborted = session.scalar(select(func.count(AssociationLog.id))
+                                 .where(AssociationLog.outcome == AssociationOutcome.ABORTED))
     findings.figures["C-STOREs without response"] = ledger.dropped
     findings.figures["associations aborted"] = aborted
     if ledger.dropped or aborted:  # nothing is killed here: every C-STORE must be answered, every association released

@@ -11,7 +11,7 @@ from dicom_node.db.models import Run, Series
 from dicom_node.ingest.completeness import complete_quiet_series, create_runs, evaluate_series
 from pipeline.errors import Outcome
 from tests.conftest import make_settings
-from tests.test_edge_ingest import edge_server, finish_run, mr_series, no_patient_data_in_logs, storescu
+from tests.support.edge import edge_server, finish_run, mr_series, no_patient_data_in_logs, storescu
 
 __all__ = ["no_patient_data_in_logs"]
 

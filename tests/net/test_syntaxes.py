@@ -32,7 +32,7 @@ from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
 from pipeline.convert import convert_series
 from tests.conftest import make_settings, require_tool
-from tests.test_edge_ingest import edge_server, mr_series, no_patient_data_in_logs
+from tests.support.edge import edge_server, mr_series, no_patient_data_in_logs
 
 __all__ = ["no_patient_data_in_logs"]
 

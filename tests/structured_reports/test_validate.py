@@ -17,7 +17,7 @@ from structured_reports.validate import (
     require_valid,
     validate_dataset,
 )
-from tests.test_sr_build import build, make_mr_series, make_report
+from tests.support.sr import build, make_mr_series, make_report
 
 DCIODVFY_OUTPUT = """\
 Comprehensive3DSR

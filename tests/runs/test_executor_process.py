@@ -166,7 +166,8 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_run_done_again(node: Node, 
 def test_workers_log_to_the_node_log_and_die_with_a_killed_node(tmp_path: Path, model: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
     env.update({"DICOM_NODE_STORAGE__DATA_DIR": str(tmp_path / "node"), "DICOM_NODE_NETWORK__PORT": str(free_port()),
-                "DICOM_NODE_MODEL__PATH": str(model), "DICOM_NODE_DESTINATIONS": "[]", "PYTHONUNBUFFERED": "1"})
+                "DICOM_NODE_HTTP__PORT": "0", "DICOM_NODE_MODEL__PATH": str(model), "DICOM_NODE_DESTINATIONS": "[]",
+                "PYTHONUNBUFFERED": "1"})
     log_path = tmp_path / "node.log"
     with open(log_path, "wb") as log:
         node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve"], env=env, stdout=log,

@@ -38,12 +38,26 @@ def test_subject_split_keeps_each_subject_on_one_side() -> None:
     assert {samples[i].label for i in test_idx} == {0, 1, 2}
 
 
-def test_subject_split_rejects_bad_input() -> None:
+def test_subject_split_rejects_bad_fraction() -> None:
     samples = [Sample("A", Path("a.npy"), "", 0), Sample("A", Path("b.npy"), "", 1)]
     with pytest.raises(ModelInputError, match="test_fraction"):
         subject_split(samples, 1.5, seed=0)
-    with pytest.raises(ModelInputError, match="different labels"):
-        subject_split(samples, 0.3, seed=0)
+
+
+def test_a_subject_whose_diagnosis_changes_is_split_by_its_latest_scan() -> None:
+    # 10 converters (CN at the first visit, AD at the second, listed latest-first) and 10 stable CN subjects
+    ad, cn = CLASSES.index("AD"), CLASSES.index("CN")
+    samples = []
+    for s in range(10):
+        samples += [Sample(f"P{s}", Path(f"p{s}b.npy"), "", ad, scan_date="2024-05-01"),
+                    Sample(f"P{s}", Path(f"p{s}a.npy"), "", cn, scan_date="2021-02-01")]
+    samples += [Sample(f"S{s}", Path(f"s{s}.npy"), "", cn, scan_date="2022-01-01") for s in range(10)]
+    train_idx, test_idx = subject_split(samples, 0.3, seed=3)
+    test_subjects = {samples[i].subject_id for i in test_idx}
+    assert not test_subjects & {samples[i].subject_id for i in train_idx}
+    # stratified by the latest label: 3 of the 10 converters (AD now) and 3 of the 10 stable CN subjects
+    assert sum(s.startswith("P") for s in test_subjects) == 3
+    assert sum(s.startswith("S") for s in test_subjects) == 3
 
 
 def test_manifest_needs_its_columns(tmp_path: Path) -> None:

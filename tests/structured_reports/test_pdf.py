@@ -14,11 +14,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage
 
 from pipeline.errors import Outcome
-from structured_reports.pdf import build_pdf, render_pdf
+from structured_reports.pdf import render_pdf
 from structured_reports.types import DISCLAIMER, NotesUsed
-from structured_reports.uids import UidKind, derive_uid
 from structured_reports.validate import require_valid
-from tests.test_sr_build import RUN_TIME, make_mr_series, make_report
+from tests.support.sr import RUN_TIME, make_mr_series, make_report
+from tests.support.sr import build_pdf_object as build
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +29,6 @@ def mr_series() -> list[Dataset]:
 def key_slices() -> list[np.ndarray]:
     ramp = np.outer(np.hanning(48), np.hanning(40))
     return [ramp * scale for scale in (1.0, 2.0, 3.0)]
-
-
-def build(sources: list[Dataset], **kwargs: object) -> Dataset:
-    first = sources[0]
-    identity = (str(first.StudyInstanceUID), str(first.SeriesInstanceUID), "in" * 32, "3c" * 32)
-    return build_pdf(
-        sources,
-        kwargs.pop("report", make_report()),  # type: ignore[arg-type]
-        series_instance_uid=derive_uid(*identity, UidKind.PDF_SERIES),
-        sop_instance_uid=derive_uid(*identity, UidKind.PDF_INSTANCE),
-        series_number=9902,
-        content_datetime=RUN_TIME,
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 def pdf_text(document: bytes, tmp_path: Path) -> str:

@@ -41,8 +41,8 @@ from dicom_node.db.models import AssociationLog, Instance, Rejection
 from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
-from tests.test_edge_ingest import echoscu, edge_server, mr_series, no_patient_data_in_logs, storescu
-from tests.test_edge_tls import pki, tls_args, tls_settings
+from tests.support.edge import echoscu, edge_server, mr_series, no_patient_data_in_logs, storescu
+from tests.support.tls import pki, tls_args, tls_settings
 
 __all__ = ["no_patient_data_in_logs", "pki"]  # the autouse log check applies here too; the test PKI
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from dicom_node.cli.main import main
 from model.cohort import CohortConfig, generate_cohort
@@ -44,6 +46,21 @@ def test_evaluate_cli_prints_table_and_writes_figures(runs: list[Path], tmp_path
     assert "MRI PRE" in printed and "MRI+note F1" in printed
     for row in ("| AD |", "| CN |", "| MCI |", "| macro avg |", "| weighted avg |"):
         assert row in printed
-    for name in ("confusion.png", "tsne.png"):
+    for name in ("confusion.png", "tsne.png", "calibration.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
-    assert (out / "metrics.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())["MRI"]
+    macro = metrics["intervals"]["macro f1"]
+    assert macro["low"] <= macro["value"] <= macro["high"] and macro["replicates"] == 1000
+    assert macro["value"] == pytest.approx(metrics["metrics"]["macro avg"]["f1"])
+    assert "| run | F1 AD | F1 MCI | F1 CN | macro F1 |" in printed and "ECE calibrated (T)" in printed
+
+
+def test_training_stores_the_temperature_and_writes_a_model_card(runs: list[Path]) -> None:
+    summary = json.loads((runs[0] / "run.json").read_text())
+    with safe_open(str(runs[0] / "adapter.safetensors"), framework="pt") as fh:
+        assert float(fh.metadata()["temperature"]) == pytest.approx(summary["temperature"])
+    assert summary["split"]["validation_scans"] > 0 and summary["preprocessing_version"] == "synthetic"
+    assert not set(summary["split"]["validation_subjects"]) & set(summary["split"]["test_subjects"])
+    card = (runs[0] / "MODEL_CARD.md").read_text()
+    assert "not for clinical use" in card and f"T = {summary['temperature']:.3f}" in card
+    assert "| macro |" in card and "95 % intervals: subject-level bootstrap (1000 replicates)" in card

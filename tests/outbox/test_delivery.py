@@ -12,15 +12,15 @@ from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
+from dicom_node.cli import main as cli
 from dicom_node.cli.localpacs import LocalOrthanc, free_port, wait_for
-from dicom_node.cli.main import main as cli
 from dicom_node.db.models import Delivery, Run, RunState, Study, utcnow
 from dicom_node.db.session import Database, open_database
 from dicom_node.outbox.delivery import deliver_due, list_deliveries, retry_deliveries
 from dicom_node.settings import Settings
 from dicom_node.statuses import FailureClass
 from tests.conftest import make_settings
-from tests.test_edge_ingest import mr_series, no_patient_data_in_logs
+from tests.support.edge import mr_series, no_patient_data_in_logs
 
 __all__ = ["no_patient_data_in_logs"]
 

@@ -1,16 +1,14 @@
 """The objects a run writes, driven through ``process_run`` with the analysis stubbed.
 
-A small spooled study (5 header-only MR instances) is recorded in a real SQLite
-database; ``_analyse`` is replaced by a stub returning a prediction or raising
+A small spooled study (5 header-only MR instances, :class:`tests.support.reports.Study5`)
+is recorded in a real SQLite database; ``_analyse`` is replaced by a stub returning a prediction or raising
 ``NotAnalysed``, so every test exercises the real ``_finish``: SR and PDF built,
 validated with dciodvfy/dsrdump, written to the outbox, deliveries per destination.
 """
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,116 +19,30 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
-from sqlalchemy import select
 
 from dicom_node.db.audit import run_record
-from dicom_node.db.models import Delivery, Instance, Run, RunState, Series, Study, utcnow
-from dicom_node.db.session import open_database
+from dicom_node.db.models import RunState, Study
 from dicom_node.outbox import objects as reports
-from dicom_node.outbox.objects import INVALID_SUFFIX, key_slices
+from dicom_node.outbox.objects import INVALID_SUFFIX
 from dicom_node.runs import processing as processing
 from dicom_node.runs.context import RunContext
-from dicom_node.runs.processing import process_run
 from model.inference import Predictor
 from model.types import ModelInfo, Prediction
 from pipeline.errors import NotAnalysed, Outcome
-from pipeline.preprocess import PreprocessConfig, default_template_path
-from pipeline.select import load_rules
+from pipeline.preprocess import default_template_path
+from structured_reports.keyslices import key_slices
 from structured_reports.sr import NOT_ANALYSED_PREFIX
 from structured_reports.types import DISCLAIMER, NotesUsed
-from tests.conftest import make_settings, require_tool
-from tests.test_sr_build import make_mr_series
+from tests.conftest import require_tool
+from tests.support.reports import MODEL, WRITTEN, Study5, analysed, outbox
+from tests.support.sr import make_mr_series
 
-MODEL = ModelInfo(name="Brain-Adapter", version="0.0-demo", weights_sha256="ab" * 32, demonstration=True,
-                  parameters={"preset": "demo"})
-PREDICTION = Prediction(probabilities={"AD": 0.61, "MCI": 0.29, "CN": 0.10}, predicted_class="AD", used_note=False)
 REASONS = {
     Outcome.NO_SUITABLE_SERIES: "no suitable 3D T1 series (localizer only)",
     Outcome.INCOMPLETE_SERIES: "series incomplete: 120 of 176 expected instances",
     Outcome.QC_FAILED: "slices too thick: measured 5 mm, limit 1.5 mm",
     Outcome.PROCESSING_ERROR: "processing error: conversion failed",
 }
-DESTINATIONS = [
-    {"name": "both", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
-    {"name": "sronly", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "objects": ["sr"]},
-    {"name": "pdfonly", "ae_title": "VIEWER", "host": "127.0.0.1", "port": 104, "objects": ["pdf"]},
-]
-
-#: Outbox directories written by this module's tests, scanned by the last test.
-WRITTEN: list[Path] = []
-
-
-class Study5:
-    """A node data directory with one spooled 5-instance study recorded in the database."""
-
-    def __init__(self, root: Path) -> None:
-        self.settings = make_settings(root, destinations=DESTINATIONS, **{
-            "network.profiles": [{"ae_title": "RESEARCH", "destinations": ["pdfonly"]}]})
-        self.db = open_database(self.settings.database_url)
-        self.ctx = RunContext(settings=self.settings, sessions=self.db.sessions,
-                              predictor=cast(Predictor, SimpleNamespace(info=MODEL)),
-                              rules=load_rules(self.settings.series_rules_path), preprocess_config=PreprocessConfig())
-        self.series = make_mr_series()
-        first = self.series[0]
-        self.study_uid, self.series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
-        now = utcnow()
-        with self.db.sessions.begin() as session:
-            study = Study(study_instance_uid=self.study_uid, patient_id=str(first.PatientID),
-                          first_received_at=now, last_received_at=now)
-            session.add(study)
-            session.flush()
-            self.study_id = study.id
-            series = Series(series_instance_uid=self.series_uid, study_id=study.id, modality="MR", series_number=3,
-                            state="complete", instance_count=0, first_received_at=now, last_received_at=now)
-            session.add(series)
-            session.flush()
-            self.series_id = series.id
-        for ds in self.series:
-            self.add_instance(ds)
-        WRITTEN.append(self.settings.outbox_dir)
-
-    def add_instance(self, ds: Dataset) -> None:
-        """Spool one instance and record it (as ingest does)."""
-        path = self.settings.spool_dir / self.study_uid / self.series_uid / f"{ds.SOPInstanceUID}.dcm"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-        data = path.read_bytes()
-        with self.db.sessions.begin() as session:
-            session.add(Instance(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                                 series_id=self.series_id, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                                 calling_ae_title="SCANNER", peer_address="127.0.0.1", spool_path=str(path),
-                                 size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), received_at=utcnow()))
-
-    def new_run(self, supersedes: str | None = None) -> str:
-        run_id = str(uuid.uuid4())
-        with self.db.sessions.begin() as session:
-            session.add(Run(id=run_id, study_id=self.study_id, state=RunState.QUEUED.value, created_at=utcnow(),
-                            supersedes_run_id=supersedes))
-        return run_id
-
-    def run(self, analyse: Callable[..., Any], supersedes: str | None = None) -> Run:
-        """Queue and process one run with ``analyse`` standing in for the analysis."""
-        run_id = self.new_run(supersedes)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(processing, "_analyse", analyse)
-            process_run(run_id, self.ctx)
-        with self.db.sessions() as session:
-            run = session.get(Run, run_id)
-            assert run is not None
-            return run
-
-    def deliveries(self, run_id: str) -> list[tuple[str, str]]:
-        with self.db.sessions() as session:
-            rows = session.scalars(select(Delivery).where(Delivery.run_id == run_id)).all()
-            return sorted((d.destination, d.object_kind) for d in rows)
-
-
-def analysed(ctx: RunContext, run_id: str, by_series: dict[str, Any], progress: Any) -> tuple[str, Prediction,
-                                                                                                 NotesUsed]:
-    """Stand-in for a successful analysis of the one series."""
-    return next(iter(by_series)), PREDICTION, NotesUsed()
-
-
 def refused(outcome: Outcome) -> Callable[..., Any]:
     def analyse(*_: Any) -> tuple[str, Prediction, NotesUsed]:
         raise NotAnalysed(outcome, REASONS[outcome])
@@ -142,10 +54,6 @@ def study(tmp_path: Path) -> Iterator[Study5]:
     made = Study5(tmp_path)
     yield made
     made.db.engine.dispose()
-
-
-def outbox(study: Study5, run: Run, kind: str) -> Path:
-    return study.settings.outbox_dir / run.id / f"{kind}.dcm"
 
 
 def dsrdump(path: Path) -> str:

@@ -29,7 +29,7 @@ from dicom_node.net.reactors import PYNETDICOM_ASSOCIATION_INTERNALS, PYNETDICOM
 from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
-from tests.test_edge_ingest import edge_server, mr_series
+from tests.support.edge import edge_server, mr_series
 
 
 def _command(**values: object) -> bytes:

@@ -1,34 +1,30 @@
 """Tests of structured_reports.sr: the TID 1500 Comprehensive 3D SR.
 
-A small T1 MR series is built here (headers of a typical 3D MPRAGE, 8x8 pixels),
-read back header-only as the node does, and reported on.
+A small T1 MR series (headers of a typical 3D MPRAGE, 8x8 pixels, made by
+:func:`tests.support.sr.make_mr_series`), read back header-only as the node does,
+is reported on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import re
 import subprocess
-from collections.abc import Sequence
 from html import unescape
 from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
-import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     Comprehensive3DSRStorage,
-    ExplicitVRLittleEndian,
-    MRImageStorage,
     generate_uid,
 )
 
-from model.types import CLASSES, ModelInfo, Prediction
+from model.types import CLASSES, Prediction
 from pipeline.errors import Outcome
 from structured_reports.concepts import CLASS_CONCEPTS, class_for_concept
 from structured_reports.sr import (
@@ -40,147 +36,16 @@ from structured_reports.sr import (
 )
 from structured_reports.types import (
     DISCLAIMER,
-    DeviceInfo,
     NotesUsed,
     ReportError,
-    ReportInput,
 )
-from structured_reports.uids import UidKind, derive_uid
 from structured_reports.validate import require_valid
-
-N_SLICES = 5
-PROBABILITIES = {"AD": 0.62, "MCI": 0.27, "CN": 0.11}
-NOTE_DATES = (datetime.date(2024, 3, 1), datetime.date(2023, 11, 20))
-TWO_NOTES = NotesUsed(NOTE_DATES)
-RUN_TIME = datetime.datetime(2024, 3, 4, 12, 30, 5)
-
-
-def make_mr_series(n_slices: int = N_SLICES) -> list[Dataset]:
-    """Header-only instances of a sagittal 3D T1 MPRAGE series (as read with stop_before_pixels)."""
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    instances: list[Dataset] = []
-    for index in range(n_slices):
-        ds = Dataset()
-        sop_uid = generate_uid()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.PatientName = "Test^Patient"
-        ds.PatientID = "SR-TEST-0001"
-        ds.PatientBirthDate = "19480215"
-        ds.PatientSex = "F"
-        ds.PatientAge = "076Y"
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = "20240304"
-        ds.StudyTime = "101500"
-        ds.AccessionNumber = "ACC-0001"
-        ds.StudyID = "1"
-        ds.StudyDescription = "MRI BRAIN WITHOUT CONTRAST"
-        ds.ReferringPhysicianName = "Ref^Doctor"
-        ds.Modality = "MR"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 3
-        ds.SeriesDescription = "t1_mprage_sag_p2_iso"
-        ds.BodyPartExamined = "BRAIN"
-        ds.PatientPosition = "HFS"
-        ds.Manufacturer = "SIEMENS"
-        ds.ManufacturerModelName = "Prisma"
-        ds.DeviceSerialNumber = "166001"
-        ds.SoftwareVersions = "syngo MR XA30"
-        ds.InstitutionName = "Test Hospital"
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.InstanceNumber = index + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"]
-        ds.ScanningSequence = ["GR", "IR"]
-        ds.SequenceVariant = ["SK", "SP", "MP"]
-        ds.ScanOptions = "IR"
-        ds.MRAcquisitionType = "3D"
-        ds.RepetitionTime = 2300.0
-        ds.EchoTime = 2.98
-        ds.InversionTime = 900.0
-        ds.EchoTrainLength = 1
-        ds.MagneticFieldStrength = 3.0
-        ds.SliceThickness = 1.0
-        ds.PixelSpacing = [1.0, 1.0]
-        ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
-        ds.ImagePositionPatient = [float(index) - n_slices / 2, -120.0, 120.0]
-        ds.Rows = 8
-        ds.Columns = 8
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.PixelData = (np.arange(64, dtype=np.uint16) * (index + 1)).tobytes()
-        buffer = BytesIO()
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-        buffer.seek(0)
-        instances.append(pydicom.dcmread(buffer, stop_before_pixels=True))
-    return instances
-
-
-def make_report(
-    *,
-    prediction: Prediction | None = None,
-    not_analysed: tuple[Outcome, str] | None = None,
-    notes: NotesUsed = TWO_NOTES,
-    demonstration: bool = True,
-) -> ReportInput:
-    """A report input as the worker assembles it."""
-    if prediction is None and not_analysed is None:
-        prediction = Prediction(
-            probabilities=dict(PROBABILITIES), predicted_class="AD", used_note=notes.count > 0
-        )
-    return ReportInput(
-        run_id="run-0042",
-        device=DeviceInfo(
-            name="BRAINAI-NODE-1",
-            manufacturer="Example Research Lab",
-            model_name="Brain-Adapter DICOM Node",
-            serial_number="NODE-0001",
-            device_uid=derive_uid("device", "NODE-0001"),
-            software_version="0.3.0",
-        ),
-        model=ModelInfo(
-            name="Brain-Adapter",
-            version="1.2.0",
-            weights_sha256="3c" * 32,
-            demonstration=demonstration,
-            parameters={"preset": "t1_1mm_mni", "input_shape": "1x160x192x160"},
-        ),
-        preprocessing_version="preproc-0.5.1",
-        notes=notes,
-        prediction=prediction,
-        not_analysed=not_analysed,
-    )
-
-
-def build(
-    sources: Sequence[Dataset],
-    report: ReportInput,
-    predecessor: Dataset | None = None,
-    instance_number: int = 1,
-) -> hd.sr.Comprehensive3DSR:
-    """Build with UIDs derived like the worker does."""
-    first = sources[0]
-    identity = (str(first.StudyInstanceUID), str(first.SeriesInstanceUID), "in" * 32,
-                report.model.weights_sha256, str(instance_number))
-    return build_sr(
-        sources,
-        report,
-        series_instance_uid=derive_uid(*identity[:4], UidKind.SR_SERIES),
-        sop_instance_uid=derive_uid(*identity, UidKind.SR_INSTANCE),
-        series_number=9901,
-        instance_number=instance_number,
-        predecessor=predecessor,
-        content_datetime=RUN_TIME,
-    )
+from tests.support.sr import (
+    PROBABILITIES,
+    build,
+    make_mr_series,
+    make_report,
+)
 
 
 def roundtrip(sr: Dataset) -> hd.sr.Comprehensive3DSR:

@@ -1,7 +1,7 @@
 """Acknowledged means kept: durable before Success, a graceful stop, and start-up reconciliation.
 
 Under PS3.4 a Success status means the SCP has stored the instance, so neither
-how an association ends (see also the abort tests of ``test_edge_ingest``) nor
+how an association ends (see also the abort tests of ``tests/net/test_ingest.py``) nor
 how the node stops may lose it.
 """
 
@@ -24,16 +24,16 @@ from sqlalchemy import create_engine, func, select, text, update
 from dicom_node.cli.localpacs import LocalOrthanc, wait_for
 from dicom_node.db.models import AssociationLog, Instance, Run, Series, Study
 from dicom_node.db.session import make_engine
+from dicom_node.ingest import spool as spool_module
 from dicom_node.ingest.completeness import complete_quiet_series, create_runs
 from dicom_node.ingest.reconcile import reconcile_spool
 from dicom_node.ingest.recorder import Recorder
-from dicom_node.ingest.recorder import recorder as ingest
 from dicom_node.ingest.spool import Spool
 from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
 from pipeline.errors import Outcome
 from tests.conftest import POSTGRES_URL, make_settings
-from tests.test_edge_ingest import edge_server, ended, mr_series, no_patient_data_in_logs, storescu
+from tests.support.edge import edge_server, ended, mr_series, no_patient_data_in_logs, storescu
 
 __all__ = ["no_patient_data_in_logs"]
 
@@ -75,7 +75,7 @@ def test_spool_fsyncs_the_file_then_its_directory_and_new_directories(tmp_path: 
         synced.append((info.st_ino, stat.S_ISDIR(info.st_mode)))
         real_fsync(fd)
 
-    monkeypatch.setattr(ingest.os, "fsync", recording_fsync)
+    monkeypatch.setattr(spool_module.os, "fsync", recording_fsync)
     spool = Spool(tmp_path / "spool", fsync=True)
     first = spool.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
     spool.write(first, (b"head", b"body"))

@@ -28,7 +28,7 @@ from dicom_node.net.requestor import associate
 from dicom_node.net.scp import StorageServer
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
-from tests.test_edge_ingest import edge_server, ended, mr_series, no_patient_data_in_logs, storescu
+from tests.support.edge import edge_server, ended, mr_series, no_patient_data_in_logs, storescu
 
 __all__ = ["no_patient_data_in_logs"]  # the edge tests' autouse check: no patient data in any log record
 

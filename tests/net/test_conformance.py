@@ -33,7 +33,7 @@ from dicom_node.net.scu import echo, send_file
 from dicom_node.settings import Destination, Settings
 from tests.conftest import make_settings
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "conformance.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 #: Presentation context IDs are odd numbers 1-255: at most 128 contexts in one A-ASSOCIATE-RQ.
 MAX_CONTEXTS = 128
 #: The result of a presentation context rejected as "abstract syntax not supported" (PS3.8 9.3.3.2).
@@ -314,9 +314,8 @@ def capture(statement: Statement) -> Iterator[Capture]:
 
 def written_objects(directory: Path) -> list[Path]:
     """The SR and the PDF of a run, written as the node writes them (``save_as(enforce_file_format=True)``)."""
-    from tests.test_sr_build import build as build_sr_object
-    from tests.test_sr_build import make_mr_series, make_report
-    from tests.test_sr_pdf import build as build_pdf_object
+    from tests.support.sr import build as build_sr_object
+    from tests.support.sr import build_pdf_object, make_mr_series, make_report
 
     sources = make_mr_series()
     paths = []

@@ -67,7 +67,7 @@ from tests.support.node import dciodvfy_errors, node_settings, send
 #: ``DICOM_NODE_CORPUS=full``: every variant at full size, report under ``var/``.
 FULL = os.environ.get("DICOM_NODE_CORPUS", "").strip().lower() == "full"
 #: Where ``make corpus`` writes its report.
-REPORT_DIR = Path(__file__).resolve().parents[1] / "var"
+REPORT_DIR = Path(__file__).resolve().parents[2] / "var"
 #: Same decoded pixels must give the same probabilities within this.
 PROBABILITY_TOLERANCE = 1e-4
 #: Time allowed per study (processing one at a time on a small machine) plus a constant.

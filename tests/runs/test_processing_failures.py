@@ -1,8 +1,8 @@
 """A processing error is a bug, not an outcome: plain words for the radiologist, stage and traceback for the audit.
 
 Runs go through the real ``process_run`` and ``_analyse`` on the small spooled study of
-``tests/test_reports_objects.py`` (selection with relaxed rules, since its 5 header-only
-instances are not a volume); one stage at a time is made to raise, with a message quoting
+``tests/outbox/test_objects.py`` (:class:`tests.support.reports.Study5`; selection with relaxed
+rules, since its 5 header-only instances are not a volume); one stage at a time is made to raise, with a message quoting
 the patient's name and ID as a header value could.  The SR and PDF written to the outbox
 are read back (content tree with pydicom, PDF text with pdftotext).
 """
@@ -30,7 +30,7 @@ from pipeline.errors import ConfigError, NodeError, Outcome, audit_traceback
 from pipeline.preprocess import Preprocessed
 from pipeline.select import SelectionRules
 from tests.conftest import require_tool
-from tests.test_reports_objects import MODEL, Study5, analysed, outbox
+from tests.support.reports import MODEL, Study5, analysed, outbox
 
 #: What a DICOM header could put into a library's exception message.
 SECRET_NAME, SECRET_ID = "Test^Patient", "SR-TEST-0001"
