@@ -18,6 +18,7 @@ from dicom_node.ingest.reconcile import reconcile_spool
 from dicom_node.ingest.recorder import Recorder
 from dicom_node.ingest.spool import Spool
 from dicom_node.net.scp import StorageServer
+from dicom_node.ops.http import HttpServer, build_http_server
 from dicom_node.runs.context import build_run_context
 from dicom_node.runs.executors import CeleryExecutor, LocalExecutor, RunExecutor
 from dicom_node.runs.processes import ProcessExecutor
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
-
 
 
 class Node:
@@ -68,6 +68,18 @@ class Node:
         self.context: RunContext | None = None
         self.predictor: Predictor | None = None
         self.server = StorageServer(settings, Spool.from_settings(settings), Recorder(self.db.sessions))
+        # The HTTP side (health, metrics, admin view) starts before the model loads: /readyz says "starting".
+        self.http: HttpServer | None = None
+        if settings.http.enabled:
+            self.http = build_http_server(
+                settings, self.db.sessions, listener_port=lambda: self.server.port,
+                executor=lambda: getattr(getattr(self, "scheduler", None), "executor", None),
+                model_identity=self.model_identity)
+            try:
+                self.http.start()
+            except BaseException:
+                self.db.engine.dispose()
+                raise
         processing = settings.processing
         executor: RunExecutor
         try:
@@ -80,10 +92,22 @@ class Node:
             else:
                 executor = ProcessExecutor(settings, self.db.sessions, processing.workers)
         except BaseException:
+            if self.http is not None:
+                self.http.stop()
             self.db.engine.dispose()
             raise
         self.scheduler = Scheduler(settings, self.db.sessions, executor)
         self._stopped = threading.Event()
+
+    def model_identity(self) -> dict[str, str] | None:
+        """The model this node or its worker processes loaded (for /readyz and /metrics), or None."""
+        if self.predictor is not None:
+            info = self.predictor.info
+            return {"name": info.name, "version": info.version, "weights_sha256": info.weights_sha256}
+        executor = getattr(getattr(self, "scheduler", None), "executor", None)
+        if isinstance(executor, ProcessExecutor) and executor.model_name:
+            return {"name": executor.model_name}
+        return None
 
     def execute(self, run_id: str) -> None:
         """Process one run in this process (the threads of ``processing.isolation = "thread"`` call it)."""
@@ -122,6 +146,8 @@ class Node:
         logger.info("stopping: no new associations; up to %.1f s for those in flight; finishing runs", grace)
         self.server.stop(grace_s=grace)
         self.scheduler.stop(wait_for_runs=True)
+        if self.http is not None:
+            self.http.stop()
         self.db.engine.dispose()
         logger.info("stopped")
 

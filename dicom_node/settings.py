@@ -221,6 +221,53 @@ class DeviceSettings(_Section):
         return value
 
 
+class HttpSettings(_Section):
+    """The node's HTTP side: health, readiness, Prometheus metrics and the admin view.
+
+    Bound to the loopback interface by default (put a TLS reverse proxy in front
+    to reach it from elsewhere).  ``port = 0`` takes any free port.  Without an
+    ``admin_token`` the admin view is read-only and never shows patient IDs;
+    with one, the token (login form, or ``Authorization: Bearer``) shows them and
+    allows replaying dead letters.
+    """
+
+    enabled: bool = True
+    bind_address: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8042, ge=0, le=65535)
+    admin_token: str = ""
+    #: Seconds a scrape of ``/metrics`` reuses the figures read from the database.
+    metrics_cache_s: float = Field(5.0, ge=0, le=300)
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _token_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) else value  # an all-digit token parsed as JSON
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_token(cls, value: str) -> str:
+        if value and (len(value) < 16 or any(c.isspace() for c in value)):
+            raise ValueError("an admin token is at least 16 characters, without spaces")
+        return value
+
+
+class LoggingSettings(_Section):
+    """How the node logs: ``text`` lines or one ``json`` object per line (no patient data either way)."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+
 class Settings(_Section):
     """All settings of the node, validated."""
 
@@ -234,6 +281,8 @@ class Settings(_Section):
     model: ModelSettings = ModelSettings()
     delivery: DeliverySettings = DeliverySettings()
     device: DeviceSettings = DeviceSettings()
+    http: HttpSettings = HttpSettings()
+    logging: LoggingSettings = LoggingSettings()
 
     # ----- derived values -------------------------------------------------
     def _under_data(self, path: Path) -> Path:

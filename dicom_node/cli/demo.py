@@ -75,11 +75,12 @@ def run_demo(base: Settings) -> int:
     _banner("2. the receiving PACS (Orthanc)")
     pacs = LocalOrthanc(root / "orthanc")
     pacs.start()
-    node_port = free_port()
+    node_port, http_port = free_port(), free_port()
     env = dict(os.environ)
     env.update({
         "DICOM_NODE_STORAGE__DATA_DIR": str(root / "node"),
         "DICOM_NODE_NETWORK__PORT": str(node_port),
+        "DICOM_NODE_HTTP__PORT": str(http_port),
         "DICOM_NODE_NETWORK__ALLOWED_CALLING_AE_TITLES": SCANNER_AE,
         "DICOM_NODE_DESTINATIONS": json.dumps(
             [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}]),
@@ -104,7 +105,8 @@ def run_demo(base: Settings) -> int:
         node_ae = settings.network.ae_title
         wait_for(lambda: node is not None and node.poll() is None and echo_ok(node_port, node_ae, SCANNER_AE),
                  120, "the node to answer C-ECHO")
-        print(f"node {settings.network.ae_title} listening on 127.0.0.1:{node_port}; log: {root / 'node.log'}")
+        print(f"node {settings.network.ae_title} listening on 127.0.0.1:{node_port}; log: {root / 'node.log'}; "
+              f"admin view and metrics: http://127.0.0.1:{http_port}/")
 
         _banner("4. the scanner sends the study (DCMTK storescu)")
         sent = subprocess.run(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from dicom_node.settings import Settings
@@ -42,10 +43,10 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
         return 0 if result.status == 0 else 1
     if args.command != "deliveries":
         return None
-    from dicom_node.db.session import open_database
+    from dicom_node.ops.queries import open_existing, replayable_ids
     from dicom_node.outbox.delivery import list_deliveries, retry_deliveries
 
-    db = open_database(settings.database_url, migrate=False)
+    db = open_existing(settings.database_url)  # read-only commands create no database
     try:
         if args.deliveries_command == "list":
             rows = list_deliveries(db.sessions, args.state, args.limit)
@@ -63,8 +64,12 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
         if not args.ids and not args.all_dead:
             print("dicom-node deliveries retry: give delivery ids or --all-dead")
             return 2
+        _, sent, unknown = replayable_ids(db.sessions, args.ids)
         count = retry_deliveries(db.sessions, args.ids, all_dead=args.all_dead)
         print(f"{count} delivery(ies) queued for a new attempt")
-        return 0
+        for label, ids in (("no delivery", unknown), ("already sent", sent)):
+            if ids:
+                print(f"dicom-node: error: {label}: {', '.join(map(str, ids))}", file=sys.stderr)
+        return 1 if unknown or sent else 0
     finally:
         db.engine.dispose()

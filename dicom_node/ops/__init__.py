@@ -1,0 +1,1 @@
+"""The node's HTTP side: health and readiness, Prometheus metrics, the admin view (see docs/operations.md)."""
