@@ -360,6 +360,21 @@ class BrainAdapter(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
+    def image_features(self, volume: torch.Tensor) -> torch.Tensor:
+        """The frozen ViT's class token for a volume batch (before ``mm_vision_proj``).
+
+        Parameters
+        ----------
+        volume : torch.Tensor
+            (B, 1, *input_size), intensities in [0, 1].
+
+        Returns
+        -------
+        torch.Tensor
+            (B, ViT hidden size).
+        """
+        return self.vision_encoder(self.adapter(self.input_pool(volume)))[:, 0]
+
     def encode_image(self, volume: torch.Tensor) -> torch.Tensor:
         """Image embedding (unit norm) of a volume batch.
 
@@ -373,8 +388,7 @@ class BrainAdapter(nn.Module):
         torch.Tensor
             (B, embed_dim).
         """
-        tokens = self.vision_encoder(self.adapter(self.input_pool(volume)))
-        return functional.normalize(self.mm_vision_proj(tokens[:, 0]), dim=-1)
+        return functional.normalize(self.mm_vision_proj(self.image_features(volume)), dim=-1)
 
     def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The language encoder's first-token hidden state (before ``mm_language_proj``).

@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from model.dataset import SYNTHETIC
 from model.types import CLASSES
 from pipeline.synth import load_reference_brain
 
@@ -422,7 +423,8 @@ def generate_cohort(out_dir: Path, config: CohortConfig) -> Path:
     -------
     Path
         The manifest file, columns ``subject_id, volume, note, label`` (what
-        ``dicom-node train`` reads) followed by the ground-truth columns
+        ``dicom-node train`` reads), ``preprocessing_version`` (``synthetic``: made in
+        the tensor contract, not by the node's preprocessing) followed by the ground-truth columns
         ``visit, stage, ventricle_scale, hippocampus_scale``.
     """
     out_dir = Path(out_dir)
@@ -446,12 +448,14 @@ def generate_cohort(out_dir: Path, config: CohortConfig) -> Path:
             rows.append(CohortRow(subject, f"v{visit + 1}", name, _note(label, rng, config.note_noise, age + visit),
                                   label, round(progressed, 4), round(ventricle, 4), round(hippocampus, 4)))
     manifest = out_dir / "manifest.csv"
-    fields = ["subject_id", "volume", "note", "label", "visit", "stage", "ventricle_scale", "hippocampus_scale"]
+    fields = ["subject_id", "volume", "note", "label", "preprocessing_version", "visit", "stage", "ventricle_scale",
+              "hippocampus_scale"]
     with manifest.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: v for k, v in asdict(row).items() if k in fields})
+            writer.writerow({**{k: v for k, v in asdict(row).items() if k in fields},
+                             "preprocessing_version": SYNTHETIC})
     counts = {c: labels.count(c) for c in CLASSES}
     logger.info("synthetic cohort: %d subjects, %d scans, %s, %d^3 -> %s", config.n_subjects, len(rows), counts,
                 config.size, manifest)

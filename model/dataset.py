@@ -1,8 +1,16 @@
-"""Training manifests, the subject-level split and batches for :mod:`model.train`.
+"""Training manifests, the subject-level split and lazily read volumes for :mod:`model.train`.
 
 A manifest is a CSV file with (at least) the columns ``subject_id``, ``volume``
 (a ``.npy`` file, relative to the manifest's folder unless absolute), ``note``
-and ``label`` (one of :data:`model.types.CLASSES`).  Extra columns are ignored.
+and ``label`` (one of :data:`model.types.CLASSES`).  Optional columns:
+``scan_id``, ``scan_date`` (ISO date; orders a subject's scans) and
+``preprocessing_version`` (written by ``dicom-node cohort prepare``, see
+:func:`check_preprocessing`).  Extra columns are ignored.
+
+Labels belong to scans, not subjects: a subject whose diagnosis changes between
+visits (CN -> MCI -> AD) is an ordinary case.  Volumes are never loaded all at
+once: :class:`VolumeStore` reads the scans of one batch (memory-mapped ``.npy``),
+so memory does not grow with the cohort.
 """
 
 from __future__ import annotations
@@ -28,6 +36,13 @@ Inputs = Literal["mri", "note", "mri+note"]
 INPUTS: tuple[str, ...] = ("mri", "note", "mri+note")
 REQUIRED_COLUMNS = ("subject_id", "volume", "note", "label")
 
+#: ``preprocessing_version`` of the synthetic cohort (:mod:`model.cohort`): volumes made in the tensor contract
+#: directly, never by the node's preprocessing.  Accepted for training, and marked as synthetic everywhere.
+SYNTHETIC = "synthetic"
+
+#: Tolerance on the [0, 1] range of a volume.
+RANGE_TOLERANCE = 1e-3
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -42,13 +57,22 @@ class Sample:
     note : str
         Clinical note ("" for none).
     label : int
-        Index into :data:`model.types.CLASSES`.
+        Index into :data:`model.types.CLASSES`: the diagnosis at this scan.
+    scan_id : str
+        Scan identifier ("" when the manifest has none).
+    scan_date : str
+        ISO date of the scan ("" when unknown).
+    preprocessing : str
+        ``preprocessing_version`` of the row ("" when not recorded).
     """
 
     subject_id: str
     volume: Path
     note: str
     label: int
+    scan_id: str = ""
+    scan_date: str = ""
+    preprocessing: str = ""
 
 
 def read_manifest(path: Path) -> list[Sample]:
@@ -83,16 +107,70 @@ def read_manifest(path: Path) -> list[Sample]:
                 raise ModelInputError(f"{path}:{line}: label must be one of {CLASSES}, got {row['label']!r}")
             volume = Path(row["volume"])
             samples.append(Sample(row["subject_id"], volume if volume.is_absolute() else path.parent / volume,
-                                  row["note"] or "", CLASSES.index(row["label"])))
+                                  row["note"] or "", CLASSES.index(row["label"]), row.get("scan_id") or "",
+                                  row.get("scan_date") or "", (row.get("preprocessing_version") or "").strip()))
     if not samples:
         raise ModelInputError(f"manifest {path} has no rows")
     return samples
+
+
+def check_preprocessing(samples: Sequence[Sample], expected: str | None) -> str:
+    """Check that the volumes were preprocessed as the node preprocesses at inference.
+
+    Parameters
+    ----------
+    samples : sequence of Sample
+        The manifest's scans.
+    expected : str or None
+        The serving configuration's preprocessing identity (from the node's settings,
+        see ``dicom-node cohort prepare``); None: not checked (library use), the
+        manifest's versions are only reported.
+
+    Returns
+    -------
+    str
+        The manifest's preprocessing version (one value), :data:`SYNTHETIC` for a
+        synthetic cohort, or the sorted distinct values joined by ``", "`` when not
+        checked.
+
+    Raises
+    ------
+    ModelInputError
+        When rows carry another version than ``expected`` (or none), or synthetic
+        and prepared volumes are mixed.
+    """
+    counts: dict[str, int] = {}
+    for s in samples:
+        counts[s.preprocessing] = counts.get(s.preprocessing, 0) + 1
+    found = sorted(counts)
+    if expected is None:
+        return ", ".join(v or "not recorded" for v in found)
+    if found in ([expected], [SYNTHETIC]):
+        return found[0]
+    wrong = {v or "not recorded": n for v, n in counts.items() if v != expected}
+    raise ModelInputError(
+        "the manifest's volumes were not preprocessed as the node preprocesses at inference "
+        f"(expected preprocessing {expected!r}; found " + ", ".join(f"{v!r}: {n} scan(s)" for v, n in wrong.items())
+        + "); prepare the cohort with `dicom-node cohort prepare` under the serving configuration")
+
+
+def _subject_labels(samples: Sequence[Sample]) -> dict[str, int]:
+    """Each subject's stratum: the label of its latest scan (by ``scan_date``, then file order)."""
+    latest: dict[str, tuple[str, int, int]] = {}
+    for i, s in enumerate(samples):
+        key = (s.scan_date, i, s.label)
+        if s.subject_id not in latest or key[:2] > latest[s.subject_id][:2]:
+            latest[s.subject_id] = key
+    return {subject: key[2] for subject, key in latest.items()}
 
 
 def subject_split(
     samples: Sequence[Sample], test_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
     """Split scans into train and test parts by subject, stratified by label.
+
+    A subject is stratified by the label of its latest scan (see the module
+    docstring: labels belong to scans, and may change between visits).
 
     Parameters
     ----------
@@ -111,14 +189,11 @@ def subject_split(
     Raises
     ------
     ModelInputError
-        When ``test_fraction`` is outside (0, 1) or a subject carries two labels.
+        When ``test_fraction`` is outside (0, 1).
     """
     if not 0.0 < test_fraction < 1.0:
         raise ModelInputError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    label_of: dict[str, int] = {}
-    for s in samples:
-        if label_of.setdefault(s.subject_id, s.label) != s.label:
-            raise ModelInputError("a subject has scans with different labels; split by subject is ambiguous")
+    label_of = _subject_labels(samples)
     rng = np.random.default_rng(seed)
     test_subjects: set[str] = set()
     for label in range(len(CLASSES)):
@@ -131,38 +206,100 @@ def subject_split(
     return train, test
 
 
-def load_volumes(samples: Sequence[Sample], shape: tuple[int, int, int]) -> torch.Tensor:
-    """Load volumes into one float16 tensor (N, 1, D, H, W) (float32 per batch later).
+def split_indices(samples: Sequence[Sample], indices: Sequence[int], fraction: float,
+                  seed: int) -> tuple[list[int], list[int]]:
+    """Split a subset of scans by subject (e.g. training scans into fit and validation parts).
 
     Parameters
     ----------
     samples : sequence of Sample
-        The scans.
-    shape : tuple of int
-        Expected (D, H, W): the model's input size.
+        All scans.
+    indices : sequence of int
+        The subset to split.
+    fraction : float
+        Fraction of the subset's subjects in the second part; 0 gives an empty second part.
+    seed : int
+        Seed of the subject shuffle.
 
     Returns
     -------
-    torch.Tensor
-        float16 volumes.
+    tuple of list of int
+        The two parts, as indices into ``samples``.
+    """
+    if fraction <= 0.0:
+        return list(indices), []
+    subset = [samples[i] for i in indices]
+    first, second = subject_split(subset, fraction, seed)
+    return [indices[i] for i in first], [indices[i] for i in second]
+
+
+class VolumeStore:
+    """The volumes of a manifest, read a batch at a time (memory-mapped ``.npy``).
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        One ``.npy`` file per scan.
+    shape : tuple of int
+        Expected (D, H, W): the model's input size.
+    empty : bool
+        Return empty (zero) volumes instead (``--inputs note``); the files are still checked.
 
     Raises
     ------
     ModelInputError
-        When a file is unreadable or has another shape or values outside [0, 1].
+        When a file is unreadable or has another shape (checked on the headers at
+        construction; values are checked as batches are read).
     """
-    out = torch.empty((len(samples), 1, *shape), dtype=torch.float16)
-    for i, s in enumerate(samples):
+
+    def __init__(self, paths: Sequence[Path], shape: Sequence[int], *, empty: bool = False) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.shape = tuple(int(v) for v in shape)
+        self.empty = empty
+        for path in self.paths:
+            if self._open(path).shape != self.shape:
+                raise ModelInputError(
+                    f"volume {path} has shape {self._open(path).shape}, the model expects {self.shape}")
+
+    def __len__(self) -> int:
+        """Number of scans."""
+        return len(self.paths)
+
+    @staticmethod
+    def _open(path: Path) -> np.ndarray:
         try:
-            arr = np.load(s.volume)
+            return np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            raise ModelInputError(f"cannot read volume {s.volume}: {exc}") from exc
-        if arr.shape != tuple(shape):
-            raise ModelInputError(f"volume {s.volume} has shape {arr.shape}, the model expects {tuple(shape)}")
-        if float(arr.min()) < -1e-3 or float(arr.max()) > 1 + 1e-3:
-            raise ModelInputError(f"volume {s.volume} has values outside [0, 1]")
-        out[i, 0] = torch.from_numpy(arr.astype(np.float16))
-    return out
+            raise ModelInputError(f"cannot read volume {path}: {exc}") from exc
+
+    def load(self, indices: Sequence[int]) -> torch.Tensor:
+        """Read some scans as one float32 tensor.
+
+        Parameters
+        ----------
+        indices : sequence of int
+            Scan indices.
+
+        Returns
+        -------
+        torch.Tensor
+            (len(indices), 1, D, H, W) float32 on the CPU.
+
+        Raises
+        ------
+        ModelInputError
+            When a volume has values outside [0, 1] or non-finite values.
+        """
+        out = torch.zeros((len(indices), 1, *self.shape), dtype=torch.float32)
+        if self.empty:
+            return out
+        for k, i in enumerate(indices):
+            arr = np.array(self._open(self.paths[i]), dtype=np.float32)
+            if not np.isfinite(arr).all() or float(arr.min()) < -RANGE_TOLERANCE \
+                    or float(arr.max()) > 1 + RANGE_TOLERANCE:
+                raise ModelInputError(f"volume {self.paths[i]} has values outside [0, 1]")
+            out[k, 0] = torch.from_numpy(arr)
+        return out
 
 
 def batches(indices: Sequence[int], batch_size: int, *, shuffle: bool, seed: int) -> Iterator[list[int]]:

@@ -49,7 +49,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter_file(model: nn.Module, path: Path, *, base_weights_sha256: str, preset: Preset) -> Path:
+def save_adapter_file(model: nn.Module, path: Path, *, base_weights_sha256: str, preset: Preset,
+                      metadata: dict[str, str] | None = None) -> Path:
     """Write the trainable tensors and the base-weights hash to a safetensors file.
 
     Parameters
@@ -62,6 +63,8 @@ def save_adapter_file(model: nn.Module, path: Path, *, base_weights_sha256: str,
         SHA-256 of the base model's weights file (``Predictor.info.weights_sha256``).
     preset : Preset
         Preset the model was trained with.
+    metadata : dict, optional
+        More metadata (e.g. the calibration ``temperature``).
 
     Returns
     -------
@@ -69,7 +72,8 @@ def save_adapter_file(model: nn.Module, path: Path, *, base_weights_sha256: str,
         ``path``.
     """
     state = trainable_state(model)
-    save_file(state, str(path), metadata={"base_weights_sha256": base_weights_sha256, "preset": preset.value})
+    save_file(state, str(path), metadata={**(metadata or {}), "base_weights_sha256": base_weights_sha256,
+                                          "preset": preset.value})
     logger.info("saved adapter file with %d tensors (base %s)", len(state), base_weights_sha256[:12])
     return path
 

@@ -15,6 +15,7 @@ import torch
 from model.brain_adapter import BrainAdapter, BrainAdapterConfig, Preset
 from model.checkpoint import ModelManifest, load_model, save_model
 from model.errors import ModelInputError, ModelLoadError
+from model.feed import has_note
 from model.text import load_text_encoder, packaged_minilm_path
 from model.types import CLASSES, ModelInfo, Prediction
 from model.vit import ViTConfig
@@ -161,15 +162,16 @@ class Predictor:
             When the volume breaks the contract.
         """
         self._validate(volume)
-        text = note.strip() if note is not None else ""
-        use_note = bool(text) and self.model.fusion_head is not None
+        text = note.strip() if has_note(note) and note is not None else ""
+        use_note = has_note(text) and self.model.fusion_head is not None
         if text and not use_note:
             logger.info("model %s is image-only; the note is not used", self.manifest.name)
         x = torch.from_numpy(np.ascontiguousarray(volume)).to(self.device)[None, None]
         with torch.inference_mode():
             if use_note:
                 tokens = {k: v.to(self.device) for k, v in self.model.tokenize([text]).items()}
-                out = self.model(x, tokens["input_ids"], tokens["attention_mask"])
+                out = self.model(x, tokens["input_ids"], tokens["attention_mask"],
+                                 note_mask=torch.ones(1, dtype=torch.bool, device=self.device))
             else:
                 out = self.model(x)
             probs = torch.softmax(out.logits[0].double(), dim=-1).cpu().numpy()

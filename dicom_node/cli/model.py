@@ -1,4 +1,10 @@
-"""``dicom-node train``, ``dicom-node evaluate`` and ``dicom-node synth cohort``.
+"""``dicom-node cohort prepare``, ``train``, ``evaluate`` and ``synth cohort``.
+
+``cohort prepare`` runs the node's own selection, conversion and preprocessing,
+with the node's own settings (:mod:`dicom_node.runs.context`), on a labelled
+cohort (:mod:`model.prepare` does the work); ``train`` and ``evaluate`` refuse a
+manifest whose preprocessing differs from the one the node serves with
+(``PREPROCESSING_VERSION`` and the settings' hash, :func:`serving_preprocessing`).
 
 Listed in :data:`dicom_node.cli.main.EXTENSIONS`; torch and the model code are imported
 only when one of these commands runs.
@@ -19,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``train``, ``evaluate`` and ``synth cohort`` sub-commands.
+    """Add the ``cohort prepare``, ``train``, ``evaluate`` and ``synth cohort`` sub-commands.
 
     Parameters
     ----------
@@ -42,6 +48,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--lr-head", type=float, default=1e-3)
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--test-fraction", type=float, default=0.3)
+    train.add_argument("--val-fraction", type=float, default=0.15,
+                       help="fraction of the training subjects held out to fit the temperature (0: none)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--activation-checkpointing", action="store_true")
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -56,6 +64,23 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--out", type=Path, required=True, help="folder for confusion.png, tsne.png, metrics.json")
     evaluate.add_argument("--manifest", type=Path, help="evaluate on this manifest (default: each run's test subjects)")
     evaluate.add_argument("--names", nargs="+", help="column names, one per run")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the 95 %% intervals")
+
+    cohort_group = sub.add_parser("cohort", help="labelled cohorts").add_subparsers(dest="cohort_command",
+                                                                                    required=True)
+    prepare = cohort_group.add_parser(
+        "prepare", parents=[common],
+        help="select, convert and preprocess a labelled cohort as the node does (training manifest)")
+    prepare.add_argument("labels", type=Path,
+                         help="CSV: scan_id, subject_id, label, scan_date, note (optional), "
+                              "path (DICOM folder or NIfTI)")
+    prepare.add_argument("--out", type=Path, required=True, help="output folder (manifest, failures, volumes cache)")
+    prepare.add_argument("--jobs", type=int, default=1, help="scans prepared in parallel (processes)")
+    prepare.add_argument("--size", type=int, default=256,
+                         help="edge of the saved volumes; below 256: average pooling, as input_pool does")
+    prepare.add_argument("--float16", action="store_true", help="save float16 volumes (half the disk)")
+    prepare.add_argument("--label-map", nargs="+", metavar="FROM=TO", help="more label converters, e.g. EMCI=MCI")
+    prepare.add_argument("--no-progress", action="store_true")
 
     synth = sub.add_parser("synth", help="synthetic data").add_subparsers(dest="synth_command", required=True)
     cohort = synth.add_parser("cohort", parents=[common], help="an ADNI-like synthetic cohort for training")
@@ -66,14 +91,58 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     cohort.add_argument("--reference", choices=["mni152", "colin27"], default="mni152")
 
 
-def _train(args: argparse.Namespace) -> int:
+def serving_preprocessing(settings: Settings) -> str:
+    """The preprocessing identity of the node's serving configuration (version + settings hash).
+
+    Parameters
+    ----------
+    settings : Settings
+        Node settings (``processing.registration``, ``processing.n4``, ...).
+
+    Returns
+    -------
+    str
+        What a manifest's ``preprocessing_version`` must be for ``train`` and ``evaluate``.
+    """
+    from dicom_node.runs.context import preprocess_config
+    from dicom_node.runs.processing import PREPROCESSING_VERSION
+    from model.prepare import preprocessing_identity
+
+    return preprocessing_identity(PREPROCESSING_VERSION, preprocess_config(settings))
+
+
+def _cohort_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    import hashlib
+
+    from dicom_node.runs.context import preprocess_config, series_rules
+    from model.labels import parse_label_map, read_labels
+    from model.prepare import PrepareSettings, prepare_cohort
+
+    if args.jobs < 1 or args.size < 1 or 256 % args.size:
+        print("dicom-node: error: --jobs must be positive and --size must divide 256", file=sys.stderr)
+        return 2
+    rows = read_labels(args.labels, parse_label_map(args.label_map))
+    config = preprocess_config(settings)
+    prep = PrepareSettings(rules=series_rules(settings), preprocess=config, identity=serving_preprocessing(settings),
+                           rules_sha256=hashlib.sha256(settings.series_rules_path.read_bytes()).hexdigest(),
+                           size=args.size, float16=args.float16)
+    report = prepare_cohort(rows, args.out, prep, jobs=args.jobs, progress=not args.no_progress,
+                            provenance={"series_rules": str(settings.series_rules_path)})
+    print(f"{report.prepared} of {len(rows)} scan(s) prepared ({report.cached} from the cache), "
+          f"{report.failed} failed; preprocessing {prep.identity}")
+    print(f"manifest: {report.manifest}\nfailures: {report.failures}")
+    return 0 if report.prepared else 1
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
     from model.train import TrainConfig, export_demo, train
 
     config = TrainConfig(
         manifest=str(args.manifest), out_dir=str(args.out), inputs=args.inputs, preset=args.preset,
         base=str(args.base) if args.base else "", base_seed=args.base_seed, epochs=args.epochs,
         batch_size=args.batch_size, lr_adapter=args.lr_adapter, lr_projection=args.lr_projection,
-        lr_head=args.lr_head, weight_decay=args.weight_decay, test_fraction=args.test_fraction, seed=args.seed,
+        lr_head=args.lr_head, weight_decay=args.weight_decay, test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction, preprocessing=serving_preprocessing(settings), seed=args.seed,
         activation_checkpointing=args.activation_checkpointing, bf16=args.bf16, device=args.device or "cpu",
         max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress,
     )
@@ -85,15 +154,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from model.evaluate import evaluate_runs
 
     if args.names and len(args.names) != len(args.runs):
         print("dicom-node: error: --names needs one name per run", file=sys.stderr)
         return 2
-    table, _ = evaluate_runs(args.runs, args.out, manifest=args.manifest, names=args.names)
+    table, _ = evaluate_runs(args.runs, args.out, manifest=args.manifest, names=args.names,
+                             device=args.device or settings.model.device, n_boot=args.bootstrap,
+                             preprocessing=serving_preprocessing(settings))
     print(table)
-    print(f"\nconfusion matrix: {args.out / 'confusion.png'}\nt-SNE: {args.out / 'tsne.png'}")
+    print(f"\nconfusion matrix: {args.out / 'confusion.png'}\nt-SNE: {args.out / 'tsne.png'}"
+          f"\nreliability diagram: {args.out / 'calibration.png'}")
     return 0
 
 
@@ -114,17 +186,20 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
     args : argparse.Namespace
         Parsed arguments.
     settings : Settings
-        Node settings (unused: these commands work on files).
+        Node settings: series rules and preprocessing (``cohort prepare``), the serving
+        preprocessing that ``train`` and ``evaluate`` check, the model device.
 
     Returns
     -------
     int or None
         Exit status, or None.
     """
+    if args.command == "cohort" and getattr(args, "cohort_command", None) == "prepare":
+        return _cohort_prepare(args, settings)
     if args.command == "train":
-        return _train(args)
+        return _train(args, settings)
     if args.command == "evaluate":
-        return _evaluate(args)
+        return _evaluate(args, settings)
     if args.command == "synth" and getattr(args, "synth_command", None) == "cohort":
         return _synth_cohort(args)
     return None
