@@ -153,12 +153,7 @@ def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
     receipt: _Receipt = self._edge_receipt
     body_of, receipt.body_of = receipt.body_of, None
     bytestream = bytearray()
-    if body_of is None:
-        limit = 6
-    elif body_of == 0x04:  # P-DATA-TF: the maximum we declared
-        limit = int(self.assoc.acceptor.maximum_length or 0) + 6 or MAX_CONTROL_PDU
-    else:
-        limit = MAX_CONTROL_PDU
+    limit = 6 if body_of is None else _body_limit(self.assoc, body_of)
     if nr_bytes > limit:
         logger.error("PDU of %d bytes declared, longer than %d: connection closed", nr_bytes, limit)
         return bytestream
@@ -175,7 +170,7 @@ def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
             return bytestream
         bytestream.extend(chunk)
     if body_of is None:
-        if bytestream[0] in _PDU_TYPES:
+        if bytestream[0] in PDU_TYPES:
             receipt.body_of = bytestream[0]
     elif body_of == 0x04 and receipt.max_dataset_bytes is not None and not _count_dataset(receipt, bytestream):
         reason = (f"data set over storage.max_dataset_bytes "
@@ -188,8 +183,15 @@ def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
     return bytestream
 
 
-#: PDU types of PS3.8 9.3 (pynetdicom takes any other as Evt19 without reading a body).
-_PDU_TYPES = frozenset(range(0x01, 0x08))
+#: PDU types of PS3.8 9.3 (any other is Evt19, its body never read).
+PDU_TYPES = frozenset(range(0x01, 0x08))
+
+
+def _body_limit(assoc: Any, pdu_type: int) -> int:
+    """Longest PDU body read of *pdu_type*: our declared maximum (+6) for P-DATA-TF, :data:`MAX_CONTROL_PDU` else."""
+    if pdu_type == 0x04:
+        return (int(assoc.acceptor.maximum_length or 0) or MAX_CONTROL_PDU) + 6
+    return MAX_CONTROL_PDU
 _PDV_HEADER = struct.Struct(">LBB")
 
 
@@ -370,17 +372,12 @@ class _StoreLane:
                 dul.event_queue.put("Evt17")  # transport connection closed
                 return True
             pdu_type, _, length = struct.unpack(">BBL", header)
-            if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            if pdu_type not in PDU_TYPES:
                 logger.error("unknown PDU type 0x%02X received", pdu_type)
                 dul.event_queue.put("Evt19")  # unrecognised PDU
                 return True
-            limit = int(dul.assoc.acceptor.maximum_length or 0) or MAX_CONTROL_PDU
-            if pdu_type == 0x04 and length > limit + 6:
-                logger.error("P-DATA-TF PDU of %d bytes exceeds our maximum PDU length %d", length, limit)
-                dul.event_queue.put("Evt19")
-                return True
-            if pdu_type != 0x04 and length > MAX_CONTROL_PDU:  # refused before a byte of it is allocated
-                logger.error("PDU of type 0x%02X declares %d bytes, more than %d", pdu_type, length, MAX_CONTROL_PDU)
+            if length > _body_limit(dul.assoc, pdu_type):  # refused before a byte of it is allocated
+                logger.error("PDU of type 0x%02X declares %d bytes, more than we accept", pdu_type, length)
                 dul.event_queue.put("Evt19")
                 return True
             body = _recv_exact(raw, length, deadline)
