@@ -46,7 +46,7 @@ def _reference(path: Path) -> float:
 def _one(seed: int, reference: bool) -> dict[str, Any]:
     import nibabel as nib
 
-    from pipeline.errors import NotAnalysed
+    from core.errors import NotAnalysed
     from pipeline.preprocess import PreprocessConfig, preprocess
     from tests.support.corpus import realistic_head
 

@@ -13,6 +13,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from core.errors import NodeError
 from dicom_node.db.session import open_database
 from dicom_node.ingest.reconcile import reconcile_spool
 from dicom_node.ingest.recorder import Recorder
@@ -24,7 +25,6 @@ from dicom_node.runs.executors import CeleryExecutor, LocalExecutor, RunExecutor
 from dicom_node.runs.processes import ProcessExecutor
 from dicom_node.scheduler import Scheduler
 from dicom_node.settings import Settings
-from pipeline.errors import NodeError
 
 if TYPE_CHECKING:
     from dicom_node.runs.context import RunContext

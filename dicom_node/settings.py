@@ -3,7 +3,7 @@
 Settings are read once at start-up from a TOML file (``config/node.toml`` by
 default), then overridden by environment variables ``DICOM_NODE_<SECTION>__<KEY>``
 and finally by explicit overrides (command-line flags).  An invalid value stops
-start-up with a :class:`~pipeline.errors.ConfigError` naming the key.
+start-up with a :class:`~core.errors.ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.uid import UID, generate_uid
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 ENV_PREFIX = "DICOM_NODE_"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -1,12 +1,12 @@
 """Errors raised by the model package.
 
-All of them derive from :class:`pipeline.errors.NodeError`, the node's single
+All of them derive from :class:`core.errors.NodeError`, the node's single
 error hierarchy.
 """
 
 from __future__ import annotations
 
-from pipeline.errors import NodeError
+from core.errors import NodeError
 
 
 class ModelError(NodeError):

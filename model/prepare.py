@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from core.errors import NodeError, NotAnalysed, Outcome
 from model.dataset import REQUIRED_COLUMNS
 from model.labels import LabelRow
-from pipeline.errors import NodeError, NotAnalysed, Outcome
 from pipeline.preprocess import PreprocessConfig, default_template_path
 from pipeline.select import SelectionRules
 

@@ -7,7 +7,7 @@ instances are assembled here from their functional groups, for every vendor.
 Compressed transfer syntaxes are decoded by pydicom's handlers (the pylibjpeg
 plugins cover JPEG, JPEG-LS, JPEG 2000, RLE).
 
-Checks, each a :class:`~pipeline.errors.NotAnalysed` with a readable reason:
+Checks, each a :class:`~core.errors.NotAnalysed` with a readable reason:
 
 - every image has ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
   and all share one orientation, matrix size and pixel spacing;
@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from pipeline.errors import NotAnalysed, Outcome
+from core.errors import NotAnalysed, Outcome
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ File formats (UTF-8):
   character is ``{``): one object per line with the same keys.
 
 ``note_date`` is ISO ``YYYY-MM-DD`` (``YYYYMMDD`` accepted).  A bad row raises
-:class:`~pipeline.errors.NodeError` naming the file's line number, never the
+:class:`~core.errors.NodeError` naming the file's line number, never the
 row's content (it may hold patient data).
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-from pipeline.errors import NodeError
+from core.errors import NodeError
 
 logger = logging.getLogger(__name__)
 

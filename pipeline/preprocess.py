@@ -69,7 +69,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.errors import ConfigError, NotAnalysed, Outcome
+from core.errors import ConfigError, NotAnalysed, Outcome
 
 logger = logging.getLogger(__name__)
 

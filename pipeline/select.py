@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from pipeline.errors import ConfigError, NotAnalysed, Outcome
+from core.errors import ConfigError, NotAnalysed, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ def select_series(candidates: Sequence[SeriesCandidate], rules: SelectionRules) 
     Raises
     ------
     NoSuitableSeries
-        A :class:`~pipeline.errors.NotAnalysed` with outcome
+        A :class:`~core.errors.NotAnalysed` with outcome
         ``NO_SUITABLE_SERIES``; its ``decisions`` attribute holds the reasons.
     """
     evaluated: list[tuple[SeriesCandidate, str, str, int, float, list[str], bool]] = []

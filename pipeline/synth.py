@@ -32,7 +32,7 @@ from pydicom.uid import (
 )
 from scipy import ndimage
 
-from pipeline.errors import NodeError
+from core.errors import NodeError
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.errors import NodeError
+from core.errors import NodeError
 from structured_reports.types import KeySlice
 
 #: Key slices of the PDF: (axis of the DHW volume, MNI coordinate in mm, caption).

@@ -8,8 +8,8 @@ from datetime import date
 import numpy as np
 from numpy.typing import NDArray
 
+from core.errors import NodeError, Outcome
 from model.types import ModelInfo, Prediction
-from pipeline.errors import NodeError, Outcome
 
 DISCLAIMER = (
     "For research use only. Not a medical device; not for clinical diagnosis. "

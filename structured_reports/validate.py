@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pydicom
 
-from pipeline.errors import NodeError
+from core.errors import NodeError
 from structured_reports.types import ReportError
 
 logger = logging.getLogger(__name__)

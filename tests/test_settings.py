@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError
 from dicom_node.cli.main import build_parser, settings_from_args
 from dicom_node.settings import DEFAULT_CONFIG, load_settings
-from pipeline.errors import ConfigError
 
 
 def test_defaults_from_packaged_file() -> None:

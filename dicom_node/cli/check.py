@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
+from core.errors import NodeError, NotAnalysed, Outcome
 from dicom_node.settings import Settings
-from pipeline.errors import NodeError, NotAnalysed, Outcome
 
 if TYPE_CHECKING:
     from pipeline.preprocess import PreprocessConfig

@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from core.errors import NodeError
 from dicom_node.cli.localpacs import LocalOrthanc, echo_ok, free_port, wait_for
 from dicom_node.db.audit import run_record
 from dicom_node.settings import Settings, load_settings
-from pipeline.errors import NodeError
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 
 logger = logging.getLogger(__name__)

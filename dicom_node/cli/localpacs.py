@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.errors import NodeError
 from dicom_node.net.scu import echo
 from dicom_node.settings import Destination
-from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from core.errors import NodeError
 from dicom_node.cli import check as cli_check
 from dicom_node.cli import edge as cli_edge
 from dicom_node.cli import model as cli_model
@@ -26,7 +27,6 @@ from dicom_node.logformat import formatter_for
 from dicom_node.ops.http import bind_socket
 from dicom_node.ops.queries import masked_url
 from dicom_node.settings import Settings, load_settings
-from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from sqlalchemy import select
 
+from core.errors import NodeError
 from dicom_node.db.models import Delivery, Run
 from dicom_node.settings import Settings
-from pipeline.errors import NodeError
 
 STAGES = ("created_at", "started_at", "selected_at", "converted_at", "preprocessed_at", "notes_joined_at",
           "inferred_at", "report_built_at", "finished_at")

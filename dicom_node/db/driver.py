@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 
 class DriverStatement:

@@ -16,9 +16,9 @@ from sqlalchemy import Engine, column, create_engine, select, table
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import NodeError
 from dicom_node.db.models import ClinicalNote as NoteRow
 from dicom_node.settings import NotesSettings
-from pipeline.errors import NodeError
 from pipeline.notes import ClinicalNote
 
 logger = logging.getLogger(__name__)

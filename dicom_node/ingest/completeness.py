@@ -35,8 +35,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import Outcome
 from dicom_node.db.models import Instance, Run, RunState, Series, SeriesState, Study, utcnow
-from pipeline.errors import Outcome
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import TypeAlias
 
 from pydicom.valuerep import VR
 
-from pipeline.errors import NodeError
+from core.errors import NodeError
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 table 7.1-1).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})

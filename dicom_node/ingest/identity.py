@@ -49,6 +49,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
 
+from core.errors import InvalidInstanceError
 from dicom_node.ingest.header import (
     KNOWN_VRS,
     TEXT_VRS,
@@ -59,7 +60,6 @@ from dicom_node.ingest.header import (
     scan_elements,
 )
 from dicom_node.statuses import StoreStatus
-from pipeline.errors import InvalidInstanceError
 from structured_reports.charset import report_character_set
 
 ACCEPTED_SOP_CLASSES = frozenset({MRImageStorage, EnhancedMRImageStorage})

@@ -22,10 +22,10 @@ from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ConfigError
 from dicom_node.db.driver import DriverStatement, driver_transaction
 from dicom_node.db.models import Instance, Rejection, Series, SeriesState, Study, utcnow
 from dicom_node.ingest.identity import InstanceIdentity
-from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from core.errors import ConfigError
 from dicom_node.settings import Profile, Settings
-from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

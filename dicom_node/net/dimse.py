@@ -29,7 +29,7 @@ from enum import Enum
 from pathlib import Path
 from typing import IO
 
-from pipeline.errors import NodeError
+from core.errors import NodeError
 
 logger = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from core.errors import ConfigError
 from dicom_node.ingest.identity import RejectedInstance, check_inflated_size, read_identity, transfer_syntaxes
 from dicom_node.ingest.recorder import Duplicate, Peer, Recorder, duplicate_decision
 from dicom_node.ingest.spool import Spool, part10_header
@@ -42,7 +43,6 @@ from dicom_node.net.streaming import chunked_receive, discard_partial, streamed_
 from dicom_node.net.tls import server_context
 from dicom_node.settings import Settings
 from dicom_node.statuses import RejectReason, RejectResult, RejectSource, StoreStatus, VerificationStatus
-from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

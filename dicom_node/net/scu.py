@@ -17,11 +17,11 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from core.errors import ConfigError
 from dicom_node.net.requestor import associate
 from dicom_node.net.tls import client_context
 from dicom_node.settings import Destination, Settings
 from dicom_node.statuses import FailureClass, RejectResult, classify_store_status, is_success, is_warning
-from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import logging
 import ssl
 from pathlib import Path
 
+from core.errors import ConfigError
 from dicom_node.settings import TLSSettings
-from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import NodeError
 from dicom_node.ops import health
 from dicom_node.ops.context import OpsContext
 from dicom_node.ops.health import as_json
@@ -29,7 +30,6 @@ from dicom_node.ops.metrics import NodeCollector, make_registry
 from dicom_node.ops.views import add_views
 from dicom_node.runs.executors import RunExecutor
 from dicom_node.settings import Settings
-from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)
 

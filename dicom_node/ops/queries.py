@@ -17,9 +17,9 @@ from sqlalchemy import Engine, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import NodeError
 from dicom_node.db.models import AssociationLog, Delivery, DeliveryState, Run, Study
 from dicom_node.db.session import Database, make_engine, make_sessionmaker
-from pipeline.errors import NodeError
 
 #: Characters of a run id shown by the CLI and the admin view (any unique prefix is accepted).
 SHORT_ID = 8

@@ -25,10 +25,10 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from core.errors import NodeError
 from dicom_node.db.models import RunState
 from dicom_node.ops import queries
 from dicom_node.outbox.delivery import retry_deliveries
-from pipeline.errors import NodeError
 
 if TYPE_CHECKING:
     from dicom_node.ops.context import OpsContext

@@ -25,11 +25,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ConfigError
 from dicom_node.db.models import Delivery, DeliveryState, utcnow
 from dicom_node.net.scu import SendResult, send_file
 from dicom_node.settings import Destination, Settings
 from dicom_node.statuses import FailureClass
-from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.errors import ConfigError
 from dicom_node.db.models import Run, Study
 from dicom_node.net.access import profile_for
 from dicom_node.settings import Destination, Settings
-from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

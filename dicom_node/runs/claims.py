@@ -23,8 +23,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from core.errors import ConfigError, NodeError, Outcome, audit_traceback
 from dicom_node.db.models import Run, RunState, utcnow
-from pipeline.errors import ConfigError, NodeError, Outcome, audit_traceback
 
 if TYPE_CHECKING:
 
@@ -174,7 +174,7 @@ def claim_run(sessions: sessionmaker[Session], run_id: str) -> str:
 def mark_crashed(sessions: sessionmaker[Session], run_id: str, traceback: str | None = None) -> None:
     """A run whose processing raised: ``failed``, if this worker still holds it.
 
-    ``traceback`` (:func:`~pipeline.errors.audit_traceback`) goes to the run's record
+    ``traceback`` (:func:`~core.errors.audit_traceback`) goes to the run's record
     unless processing recorded one itself, with its stage.
     """
     with sessions.begin() as session:

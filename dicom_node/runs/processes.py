@@ -61,10 +61,10 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import NodeError
 from dicom_node.runs.claims import oldest_queued, requeue
 from dicom_node.runs.worker import LogConfig, worker_main
 from dicom_node.settings import Settings
-from pipeline.errors import NodeError
 
 logger = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@
 worker pool and any other executor call the same code.  Every stage time is
 recorded; every refusal becomes a "not analysed" report with its reason.
 
-A failure (a :class:`~pipeline.errors.NodeError` that is not a refusal, or any
+A failure (a :class:`~core.errors.NodeError` that is not a refusal, or any
 other exception: a bug) is a "not analysed" report too, outcome
 ``processing_error``: the radiologist reads in plain words which step could not
 be done; the run's audit record keeps the stage and a traceback without patient
-data (:func:`~pipeline.errors.audit_traceback`), and so does the log.
+data (:func:`~core.errors.audit_traceback`), and so does the log.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ConfigError, NodeError, NotAnalysed, Outcome, audit_traceback
 from dicom_node.db.models import Delivery, DeliveryState, Instance, Run, RunState, Series, Study, utcnow
 from dicom_node.db.notes import NodeNotes
 from dicom_node.ingest.completeness import study_input_lossy
@@ -37,7 +38,6 @@ from dicom_node.outbox.routing import routes
 from dicom_node.runs.context import RunContext
 from model.types import Prediction
 from pipeline.convert import convert_series
-from pipeline.errors import ConfigError, NodeError, NotAnalysed, Outcome, audit_traceback
 from pipeline.notes import ClinicalNote, choose_notes, format_note_text
 from pipeline.preprocess import Preprocessed, default_template_path, preprocess
 from pipeline.select import SeriesCandidate, select_series

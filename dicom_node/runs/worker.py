@@ -21,11 +21,11 @@ from multiprocessing.connection import Connection
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from core.errors import NodeError
 from dicom_node.db.session import Database, open_database
 from dicom_node.logformat import make_formatter
 from dicom_node.runs.claims import ClaimRefusedError, run_guarded, worker_id
 from dicom_node.settings import Settings
-from pipeline.errors import NodeError
 
 if TYPE_CHECKING:
     from dicom_node.runs.context import RunContext

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from core.errors import ConfigError
 from dicom_node.db.notes import ExternalNotes, NodeNotes, make_notes_source
 from dicom_node.db.session import Database
 from dicom_node.settings import Settings, load_settings
-from pipeline.errors import ConfigError
 from pipeline.notes import choose_notes
 from tests.conftest import POSTGRES_URL
 

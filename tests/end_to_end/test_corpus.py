@@ -43,13 +43,13 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
+from core.errors import NodeError, Outcome
 from dicom_node.app import Node
 from dicom_node.cli.localpacs import LocalOrthanc, wait_for
 from dicom_node.db.audit import run_record
 from dicom_node.db.models import Instance, Run, RunState, Series, Study
 from dicom_node.runs.context import preprocess_config
 from pipeline.convert import convert_series
-from pipeline.errors import NodeError, Outcome
 from tests.conftest import require_tool
 from tests.support import corpus as corpus_module
 from tests.support.corpus import (

@@ -7,9 +7,9 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
+from core.errors import Outcome
 from dicom_node.db.models import Run, Series
 from dicom_node.ingest.completeness import complete_quiet_series, create_runs, evaluate_series
-from pipeline.errors import Outcome
 from tests.conftest import make_settings
 from tests.support.edge import edge_server, finish_run, mr_series, no_patient_data_in_logs, storescu
 

@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from sqlalchemy import create_engine, func, select, text, update
 
+from core.errors import Outcome
 from dicom_node.cli.localpacs import LocalOrthanc, wait_for
 from dicom_node.db.models import AssociationLog, Instance, Run, Series, Study
 from dicom_node.db.session import make_engine
@@ -31,7 +32,6 @@ from dicom_node.ingest.recorder import Recorder
 from dicom_node.ingest.spool import Spool
 from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
-from pipeline.errors import Outcome
 from tests.conftest import POSTGRES_URL, make_settings
 from tests.support.edge import edge_server, ended, mr_series, no_patient_data_in_logs, storescu
 

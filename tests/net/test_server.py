@@ -14,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
 from sqlalchemy import select
 
+from core.errors import ConfigError
 from dicom_node.db.models import Instance, Rejection, Series, Study
 from dicom_node.db.session import Database
 from dicom_node.ingest.recorder import Recorder
@@ -22,7 +23,6 @@ from dicom_node.net.requestor import associate
 from dicom_node.net.scp import StorageServer
 from dicom_node.settings import Settings
 from dicom_node.statuses import StoreStatus
-from pipeline.errors import ConfigError
 from tests.conftest import make_settings, require_tool
 
 

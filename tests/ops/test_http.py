@@ -14,11 +14,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
+from core.errors import NodeError
 from dicom_node.db.models import Delivery
 from dicom_node.db.session import Database, open_database
 from dicom_node.ops.http import HttpServer, bind_socket, build_http_server
 from dicom_node.settings import Settings
-from pipeline.errors import NodeError
 from tests.conftest import make_settings
 from tests.ops.seed import PATIENT_ID, RUN_OK, seed
 

@@ -20,6 +20,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
+from core.errors import NotAnalysed, Outcome
 from dicom_node.db.audit import run_record
 from dicom_node.db.models import RunState, Study
 from dicom_node.outbox import objects as reports
@@ -28,7 +29,6 @@ from dicom_node.runs import processing as processing
 from dicom_node.runs.context import RunContext
 from model.inference import Predictor
 from model.types import ModelInfo, Prediction
-from pipeline.errors import NotAnalysed, Outcome
 from pipeline.preprocess import default_template_path
 from structured_reports.keyslices import key_slices
 from structured_reports.sr import NOT_ANALYSED_PREFIX

@@ -7,7 +7,7 @@ from datetime import date
 
 import pytest
 
-from pipeline.errors import NodeError
+from core.errors import NodeError
 from pipeline.notes import ClinicalNote, choose_notes, format_note_text, parse_notes_file
 
 CSV = """note_id,patient_id,issuer_of_patient_id,accession_number,note_date,note_type,text

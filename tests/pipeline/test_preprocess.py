@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.errors import NotAnalysed, Outcome
+from core.errors import NotAnalysed, Outcome
 from pipeline.preprocess import PreprocessConfig, Preprocessed, _to_dhw, default_template_path, preprocess
 from pipeline.synth import load_reference_brain
 

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from pipeline.errors import ConfigError, NotAnalysed, Outcome
+from core.errors import ConfigError, NotAnalysed, Outcome
 from pipeline.select import (
     DEFAULT_RULES_PATH,
     NoSuitableSeries,

@@ -11,8 +11,8 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 from scipy import ndimage
 
+from core.errors import NodeError, NotAnalysed, Outcome
 from pipeline.convert import convert_series
-from pipeline.errors import NodeError, NotAnalysed, Outcome
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 
 STUDY = StudyHeader(patient_name="Test^Marker", patient_id="T0001", patient_birth_date="19470304",

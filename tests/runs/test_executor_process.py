@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from core.errors import NodeError
 from dicom_node.app import Node
 from dicom_node.cli.localpacs import free_port, wait_for
 from dicom_node.db.models import Run, RunState
 from dicom_node.runs.processes import ProcessExecutor
 from dicom_node.settings import Settings
 from model.inference import init_demo_model
-from pipeline.errors import NodeError
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 from tests.conftest import make_settings
 from tests.support.node import send

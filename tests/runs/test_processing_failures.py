@@ -20,13 +20,13 @@ import numpy as np
 import pydicom
 import pytest
 
+from core.errors import ConfigError, NodeError, Outcome, audit_traceback
 from dicom_node.db.audit import run_record
 from dicom_node.db.models import Run, RunState
 from dicom_node.outbox import objects as reports
 from dicom_node.runs import processing as processing
 from dicom_node.runs.processing import process_run
 from model.inference import Predictor
-from pipeline.errors import ConfigError, NodeError, Outcome, audit_traceback
 from pipeline.preprocess import Preprocessed
 from pipeline.select import SelectionRules
 from tests.conftest import require_tool
@@ -152,7 +152,7 @@ def test_a_configuration_error_tells_the_radiologist_that_the_administrators_mus
     run = process(study, {"convert_series": converted, "preprocess": misconfigured})
 
     assert (run.outcome, run.error_stage) == ("processing_error", "preprocessed")
-    assert "pipeline.errors.ConfigError: registration 'Rigid': expected Affine" in (run.error_traceback or "")
+    assert "core.errors.ConfigError: registration 'Rigid': expected Affine" in (run.error_traceback or "")
     assert_reported_in_plain_words(
         study, run, "Not analysed: image preprocessing could not be completed. The node's configuration must be "
                     f"corrected by its administrators; the failure was recorded for them (run {run.id}).", tmp_path)
@@ -230,7 +230,7 @@ def test_audit_traceback_keeps_frames_types_and_our_messages_only() -> None:
     assert text.count("Traceback (most recent call last):") == 3
     assert "in read_header\n" in text and "in convert\n" in text
     assert "\nValueError (message withheld" in text
-    assert "\npipeline.errors.NodeError: conversion of the series failed\n" in text
+    assert "\ncore.errors.NodeError: conversion of the series failed\n" in text
     assert text.rstrip().endswith("KeyError (message withheld: not a node error, it may quote patient data)")
     assert "direct cause" in text and "During handling" in text
     assert "boom" not in text and "invalid value" not in text and SECRET_ID not in text

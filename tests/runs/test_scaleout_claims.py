@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from core.errors import ConfigError, NodeError
 from dicom_node.app import Node
 from dicom_node.cli.main import build_parser, settings_from_args
 from dicom_node.db.models import Run, RunState, Study, utcnow
@@ -32,7 +33,6 @@ from dicom_node.runs.claims import (
     worker_id,
 )
 from dicom_node.runs.executors import CeleryExecutor
-from pipeline.errors import ConfigError, NodeError
 from tests.conftest import POSTGRES_URL, make_settings
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"

@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage
 
-from pipeline.errors import Outcome
+from core.errors import Outcome
 from structured_reports.pdf import render_pdf
 from structured_reports.types import DISCLAIMER, NotesUsed
 from structured_reports.validate import require_valid

@@ -24,8 +24,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from core.errors import Outcome
 from model.types import CLASSES, Prediction
-from pipeline.errors import Outcome
 from structured_reports.concepts import CLASS_CONCEPTS, class_for_concept
 from structured_reports.sr import (
     DEMONSTRATION_TEXT,

@@ -18,8 +18,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from core.errors import Outcome
 from model.types import ModelInfo, Prediction
-from pipeline.errors import Outcome
 from structured_reports.pdf import build_pdf
 from structured_reports.sr import build_sr
 from structured_reports.types import DeviceInfo, NotesUsed, ReportInput
