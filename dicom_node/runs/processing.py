@@ -61,6 +61,17 @@ class _Progress:
     key_slices: list[KeySlice] = field(default_factory=list)
     #: The stage running, or the last one begun (its result being recorded); ``started`` before the first.
     stage: str = "started"
+    #: Audit columns gathered since the last write; recorded by the next one (the end of the run at the latest).
+    pending: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, **values: Any) -> None:
+        """Keep audit columns for the next write of the run's record."""
+        self.pending.update(values)
+
+    def take(self) -> dict[str, Any]:
+        """The audit columns gathered so far, cleared."""
+        values, self.pending = self.pending, {}
+        return values
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,22 @@ def _update(sessions: sessionmaker[Session], run_id: str, **values: Any) -> None
         _apply(session, run_id, values)
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What the run read at its start: the study and the headers of its spooled instances."""
+
+    study_uid: str
+    #: The run's number among its study's runs (the objects' Instance Number).
+    sequence: int
+    created_at: datetime
+    by_series: dict[str, list[tuple[Path, Dataset]]]
+    #: The study's keys for joining clinical notes.
+    patient_id: str | None = None
+    issuer: str | None = None
+    study_date: date | None = None
+    accession_number: str | None = None
+
+
 def _study_headers(session: Session, study_id: int) -> dict[str, list[tuple[Path, Dataset]]]:
     """Headers (no pixels) of every spooled instance of a study, by series UID."""
     rows = session.execute(
@@ -138,16 +165,16 @@ def _input_hash(session: Session, series_uid: str) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
-def _notes_for(ctx: RunContext, study: Study) -> list[ClinicalNote]:
-    if not study.patient_id:
+def _notes_for(ctx: RunContext, inputs: _Inputs) -> list[ClinicalNote]:
+    if not inputs.patient_id:
         return []
-    source = ctx.notes or NodeNotes(ctx.sessions)
+    source = ctx.notes or NodeNotes(ctx.sessions)  # the notes store reads in its own short session
     return choose_notes(
-        source.for_patient(study.patient_id),
-        patient_id=study.patient_id,
-        issuer=study.issuer_of_patient_id,
-        study_date=study.study_date or date.today(),
-        accession_number=study.accession_number,
+        source.for_patient(inputs.patient_id),
+        patient_id=inputs.patient_id,
+        issuer=inputs.issuer,
+        study_date=inputs.study_date or date.today(),
+        accession_number=inputs.accession_number,
         window_days=ctx.settings.processing.note_window_days,
     )
 
@@ -164,11 +191,13 @@ def _device(ctx: RunContext) -> DeviceInfo:
     )
 
 
-def _analyse(
-    ctx: RunContext, run_id: str, by_series: dict[str, list[tuple[Path, Dataset]]], progress: _Progress
-) -> tuple[str, Prediction, NotesUsed]:
-    """Select, convert, preprocess, join notes, infer; returns (series UID, prediction, notes used)."""
-    sessions = ctx.sessions
+def _analyse(ctx: RunContext, run_id: str, inputs: _Inputs, progress: _Progress) -> tuple[str, Prediction, NotesUsed]:
+    """Select, convert, preprocess, join notes, infer; returns (series UID, prediction, notes used).
+
+    The run's record is written twice here, once the series is chosen and once it is preprocessed (the long
+    stages, so the admin view shows where a run is); the later stages' columns go with the end of the run.
+    """
+    sessions, by_series = ctx.sessions, inputs.by_series
     with _stage(progress, "selected"):
         candidates = [SeriesCandidate(uid, [ds for _, ds in items]) for uid, items in by_series.items()]
         selection = select_series(candidates, ctx.rules)
@@ -181,25 +210,22 @@ def _analyse(
     with _stage(progress, "converted"):
         workdir.mkdir(parents=True, exist_ok=True)
         nifti = convert_series([p for p, _ in by_series[chosen]], workdir / "input.nii.gz")
-    _update(sessions, run_id, converted_at=progress.stamps["converted_at"])
+    progress.record(converted_at=progress.stamps["converted_at"])
     with _stage(progress, "preprocessed"):
         pre = preprocess(nifti, ctx.preprocess_config)
     progress.seconds.update({f"preprocess.{k}": round(v, 3) for k, v in pre.stage_seconds.items()})
-    _update(sessions, run_id, preprocessed_at=progress.stamps["preprocessed_at"], qc=_json_floats(pre.qc))
+    progress.record(preprocessed_at=progress.stamps["preprocessed_at"], qc=_json_floats(pre.qc))
+    _update(sessions, run_id, **progress.take())
     progress.key_slices = _key_slices(ctx, run_id, pre)
     with _stage(progress, "notes_joined"):
-        with sessions() as session:
-            study = session.scalar(select(Study).join(Run).where(Run.id == run_id))
-        if study is None:
-            raise NodeError(f"run {run_id} has no study")
-        notes = _notes_for(ctx, study)  # the notes store opens its own session
-    _update(
-        sessions, run_id, notes_joined_at=progress.stamps["notes_joined_at"],
+        notes = _notes_for(ctx, inputs)
+    progress.record(
+        notes_joined_at=progress.stamps["notes_joined_at"],
         notes_used=[{"id": n.note_id, "date": n.note_date.isoformat(), "type": n.note_type} for n in notes],
     )
     with _stage(progress, "inferred"):
         prediction = ctx.predictor.predict(pre.volume, format_note_text(notes) if notes else None)
-    _update(sessions, run_id, inferred_at=progress.stamps["inferred_at"])
+    progress.record(inferred_at=progress.stamps["inferred_at"])
     return chosen, prediction, NotesUsed(tuple(n.note_date for n in notes))
 
 
@@ -221,6 +247,10 @@ def _json_floats(values: dict[str, Any]) -> dict[str, Any]:
 def process_run(run_id: str, ctx: RunContext) -> None:
     """Process one run end to end and queue its report for delivery.
 
+    The run's story, top to bottom: claim it; read its study (one transaction); analyse it (two writes); build,
+    validate and queue its objects (one read, one write).  A refusal or a failure anywhere still ends in a
+    "not analysed" report.
+
     Parameters
     ----------
     run_id : str
@@ -230,63 +260,71 @@ def process_run(run_id: str, ctx: RunContext) -> None:
     """
     from dicom_node.runs.claims import MAX_ATTEMPTS, claim_run
 
-    sessions = ctx.sessions
-    claim_run(sessions, run_id)  # atomic: queued -> running (ClaimRefusedError when ended or held elsewhere)
-    with sessions.begin() as session:
+    claim_run(ctx.sessions, run_id)  # atomic: queued -> running (ClaimRefusedError when ended or held elsewhere)
+    inputs, called_ae, refusal = _start(ctx, run_id, MAX_ATTEMPTS)
+    predictor = ctx.predictor_for(called_ae)
+    logger.info("run %s started for study %s (model %s)", run_id, inputs.study_uid, predictor.info.name)
+    if predictor is not ctx.predictor:
+        ctx = dataclasses.replace(ctx, predictor=predictor)  # this run uses its profile's model throughout
+    progress = _Progress()
+    result = _run_analysis(ctx, run_id, inputs, refusal, progress)
+    try:
+        _finish(ctx, run_id, inputs, result, progress)
+    except Exception as exc:
+        failure, reason = _report_failed(run_id, exc, result.failure)
+        # In the audit record whatever happens next, with the stages' columns not yet written.
+        _update(ctx.sessions, run_id, **{**progress.pending, **failure.columns()})
+        if result.prediction is None:  # a "not analysed" report failed: another would too (the run is marked failed)
+            raise
+        # The result's report failed: the radiologist still gets a "not analysed" report saying so.
+        progress.key_slices = []
+        _finish(ctx, run_id, inputs, _Result(result.chosen, None, (Outcome.PROCESSING_ERROR, reason), NotesUsed(),
+                                             RunState.NOT_ANALYSED, failure), progress)
+
+
+def _start(ctx: RunContext, run_id: str, max_attempts: int) -> tuple[_Inputs, str | None, NotAnalysed | None]:
+    """Read what the run needs from its study, in one transaction; a refusal known before any analysis."""
+    with ctx.sessions.begin() as session:
         run = session.get(Run, run_id)
         if run is None:
             raise NodeError(f"no run {run_id}")
         study = session.get(Study, run.study_id)
         if study is None:
             raise NodeError(f"run {run_id} has no study")
-        study_uid = study.study_instance_uid
-        predictor = ctx.predictor_for(study.called_ae_title)
-        created_at = run.created_at
-        interrupted = run.attempts > MAX_ATTEMPTS
         sequence = session.scalar(
             select(func.count(Run.id)).where(Run.study_id == run.study_id, Run.created_at <= run.created_at)
         ) or 1
-        by_series = _study_headers(session, run.study_id)
-        # Edge (completeness): a run created for a study with a series closed incomplete is not analysed.
-        incomplete = run.error_reason if run.outcome == Outcome.INCOMPLETE_SERIES.value else None
+        inputs = _Inputs(study.study_instance_uid, sequence, run.created_at, _study_headers(session, run.study_id),
+                         patient_id=study.patient_id, issuer=study.issuer_of_patient_id,
+                         study_date=study.study_date, accession_number=study.accession_number)
+        refusal: NotAnalysed | None = None
+        if run.outcome == Outcome.INCOMPLETE_SERIES.value and run.error_reason:
+            # Edge (completeness): a run created for a study with a series closed incomplete is not analysed.
+            refusal = NotAnalysed(Outcome.INCOMPLETE_SERIES, run.error_reason)
+        elif run.attempts > max_attempts:  # crashed the node or its worker every time: say so, don't try again
+            refusal = NotAnalysed(Outcome.PROCESSING_ERROR, f"processing was interrupted {max_attempts} times "
+                                                            "(the node or its worker stopped each time)")
         run.input_lossy = study_input_lossy(session, run.study_id)
-    logger.info("run %s started for study %s (model %s)", run_id, study_uid, predictor.info.name)
-    if predictor is not ctx.predictor:
-        ctx = dataclasses.replace(ctx, predictor=predictor)  # this run uses its profile's model throughout
-    progress = _Progress()
-    prediction: Prediction | None = None
-    not_analysed: tuple[Outcome, str] | None = None
-    chosen: str | None = None
-    notes_used = NotesUsed()
-    state = RunState.SUCCEEDED
-    failure: _Failure | None = None
+        return inputs, study.called_ae_title, refusal
+
+
+def _run_analysis(
+    ctx: RunContext, run_id: str, inputs: _Inputs, refusal: NotAnalysed | None, progress: _Progress
+) -> _Result:
+    """The analysis, or why there is none: a refusal for the radiologist, or a failure in plain words."""
     try:
-        if incomplete:
-            raise NotAnalysed(Outcome.INCOMPLETE_SERIES, incomplete)
-        if interrupted:  # crashed the node or its worker every time: tell the radiologist, don't try again
-            raise NotAnalysed(Outcome.PROCESSING_ERROR, f"processing was interrupted {MAX_ATTEMPTS} times "
-                                                        "(the node or its worker stopped each time)")
-        chosen, prediction, notes_used = _analyse(ctx, run_id, by_series, progress)
+        if refusal is not None:
+            raise refusal
+        chosen, prediction, notes_used = _analyse(ctx, run_id, inputs, progress)
+        return _Result(chosen, prediction, None, notes_used, RunState.SUCCEEDED)
     except NotAnalysed as exc:  # a refusal, its reason written for the radiologist
-        not_analysed, state = (exc.outcome, exc.reason), RunState.NOT_ANALYSED
-        failure = _Failure(progress.stage)
         if exc.outcome is Outcome.NO_SUITABLE_SERIES and getattr(exc, "decisions", None):
-            _update(sessions, run_id, selection=[_decision_json(d) for d in exc.decisions])  # type: ignore[attr-defined]
+            progress.record(selection=[_decision_json(d) for d in exc.decisions])  # type: ignore[attr-defined]
+        return _Result(None, None, (exc.outcome, exc.reason), NotesUsed(), RunState.NOT_ANALYSED,
+                       _Failure(progress.stage))
     except Exception as exc:  # noqa: BLE001 - our NodeError or a bug: still an answer, in plain words
         failure, reason = _failed(run_id, progress.stage, exc)
-        not_analysed, state = (Outcome.PROCESSING_ERROR, reason), RunState.NOT_ANALYSED
-    inputs = _Inputs(study_uid, sequence, created_at, by_series)
-    try:
-        _finish(ctx, run_id, inputs, _Result(chosen, prediction, not_analysed, notes_used, state, failure), progress)
-    except Exception as exc:
-        failure, reason = _report_failed(run_id, exc, failure)
-        _update(sessions, run_id, **failure.columns())  # in the audit record whatever happens next
-        if prediction is None:  # a "not analysed" report failed: another one would too (the run is marked failed)
-            raise
-        # The result's report failed: the radiologist still gets a "not analysed" report saying so.
-        progress.key_slices = []
-        _finish(ctx, run_id, inputs, _Result(chosen, None, (Outcome.PROCESSING_ERROR, reason), NotesUsed(),
-                                             RunState.NOT_ANALYSED, failure), progress)
+        return _Result(None, None, (Outcome.PROCESSING_ERROR, reason), NotesUsed(), RunState.NOT_ANALYSED, failure)
 
 
 def _report_failed(run_id: str, exc: Exception, earlier: _Failure | None) -> tuple[_Failure, str]:
@@ -297,17 +335,6 @@ def _report_failed(run_id: str, exc: Exception, earlier: _Failure | None) -> tup
     before = f":\n{earlier.traceback}" if earlier.traceback else " (not analysed; no traceback)\n"
     text = f"{failure.traceback}\nThis happened while reporting an earlier failure in stage {earlier.stage}{before}"
     return _Failure(failure.stage, text), reason
-
-
-@dataclass(frozen=True)
-class _Inputs:
-    """What the run read at its start: the study and the headers of its spooled instances."""
-
-    study_uid: str
-    #: The run's number among its study's runs (the objects' Instance Number).
-    sequence: int
-    created_at: datetime
-    by_series: dict[str, list[tuple[Path, Dataset]]]
 
 
 @dataclass(frozen=True)
@@ -344,8 +371,7 @@ def _finish(ctx: RunContext, run_id: str, inputs: _Inputs, result: _Result, prog
     with _stage(progress, "report_built"), sessions() as session:
         input_hash = _input_hash(session, chosen) if chosen else hashlib.sha256(
             "".join(sorted(by_series)).encode()).hexdigest()
-        run_row = session.get(Run, run_id)
-        notes_rows = (run_row.notes_used or []) if run_row is not None and prediction is not None else []
+        notes_rows = progress.pending.get("notes_used", []) if prediction is not None else []
         identity = run_identity(study_uid, chosen, input_hash, info.weights_sha256, notes=notes_rows,
                                 outcome=not_analysed[0].value if not_analysed is not None else None)
         written = write_objects(ctx.settings, session, run_id, sources, report, identity,
@@ -354,6 +380,7 @@ def _finish(ctx: RunContext, run_id: str, inputs: _Inputs, result: _Result, prog
     by_kind = {obj.kind: obj for obj in written}
     invalid = [obj for obj in written if not obj.ok]
     values: dict[str, Any] = {
+        **progress.pending,  # the stages' columns not yet written
         "state": (RunState.FAILED if invalid or routing_error else state).value,
         "finished_at": utcnow(),
         "report_built_at": progress.stamps.get("report_built_at"),
@@ -391,6 +418,7 @@ def _finish(ctx: RunContext, run_id: str, inputs: _Inputs, result: _Result, prog
                 session.add(Delivery(run_id=run_id, destination=dest_name, sop_instance_uid=obj.sop_instance_uid,
                                      object_path=str(obj.path), object_kind=kind, created_at=now,
                                      next_attempt_at=now, state=DeliveryState.PENDING.value, attempts=0))
+    progress.take()
     shutil.rmtree(ctx.settings.work_dir / run_id, ignore_errors=True)
     logger.info("run %s finished: %s", run_id, values.get("predicted_class") or values.get("outcome"))
 

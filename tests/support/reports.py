@@ -109,10 +109,9 @@ class Study5:
             return sorted((d.destination, d.object_kind) for d in rows)
 
 
-def analysed(ctx: RunContext, run_id: str, by_series: dict[str, Any], progress: Any) -> tuple[str, Prediction,
-                                                                                                 NotesUsed]:
+def analysed(ctx: RunContext, run_id: str, inputs: Any, progress: Any) -> tuple[str, Prediction, NotesUsed]:
     """Stand-in for a successful analysis of the one series."""
-    return next(iter(by_series)), PREDICTION, NotesUsed()
+    return next(iter(inputs.by_series)), PREDICTION, NotesUsed()
 
 
 def outbox(study: Study5, run: Run, kind: str) -> Path:
