@@ -28,14 +28,28 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import MediaStorageDirectoryStorage
 
 from core.errors import NodeError, NotAnalysed, Outcome
+from dicom_node.cli.checkreport import (
+    Instance,
+    QCValue,
+    Scan,
+    SeriesCheck,
+    StudyCheck,
+    measured_text,
+    scan_text,
+    series_number_text,
+    skipped_text,
+    study_text,
+    summary_json,
+    summary_text,
+)
 from dicom_node.settings import Settings
 
 if TYPE_CHECKING:
@@ -44,9 +58,6 @@ if TYPE_CHECKING:
     from structured_reports.types import KeySlice
 
 logger = logging.getLogger(__name__)
-
-#: Media Storage Directory Storage: a DICOMDIR, an index of the export, not an image.
-MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
 
 #: Default folder of the key-slice PNGs, relative to the current directory.
 DEFAULT_OUT = Path("check")
@@ -66,98 +77,6 @@ QC_LIMITS: tuple[tuple[str, str, str, str, str], ...] = (
 
 class CheckUsageError(NodeError):
     """The command line names nothing to check (exit status 2)."""
-
-
-@dataclass
-class Instance:
-    """One DICOM file found under the paths, with its header (no pixel data)."""
-
-    path: Path
-    header: Dataset
-
-
-@dataclass
-class Scan:
-    """What was found under the paths: instances by study and series, and what was skipped."""
-
-    studies: dict[str, dict[str, list[Instance]]] = field(default_factory=dict)
-    files: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def instances(self) -> int:
-        """Number of DICOM instances found."""
-        return sum(len(items) for series in self.studies.values() for items in series.values())
-
-    def skip(self, why: str) -> None:
-        """Count a skipped file."""
-        self.skipped[why] = self.skipped.get(why, 0) + 1
-
-
-@dataclass
-class QCValue:
-    """One QC measurement next to its limit."""
-
-    name: str
-    label: str
-    value: float
-    limit: float
-    comparison: str
-    unit: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """Whether the value is within its limit."""
-        return self.value >= self.limit if self.comparison == ">=" else self.value <= self.limit
-
-
-@dataclass
-class SeriesCheck:
-    """What the node would make of one series."""
-
-    series_instance_uid: str
-    series_number: int | None
-    description: str
-    modality: str
-    instances: int
-    images: int
-    refused: dict[str, int] = field(default_factory=dict)
-    incomplete: str | None = None
-    decision: SeriesDecision | None = None
-
-    @property
-    def received(self) -> int:
-        """Instances the node would accept over C-STORE."""
-        return self.instances - sum(self.refused.values())
-
-
-@dataclass
-class StudyCheck:
-    """What the node would make of one study."""
-
-    study_instance_uid: str
-    series: list[SeriesCheck]
-    chosen: SeriesCheck | None = None
-    outcome: str | None = None
-    reason: str | None = None
-    converted: dict[str, Any] | None = None
-    qc: list[QCValue] = field(default_factory=list)
-    qc_source: str = ""
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    png: Path | None = None
-    png_error: str | None = None
-    preprocessed: bool = False
-
-    @property
-    def analysed(self) -> bool:
-        """True when the node would analyse the study (no not-analysed reason)."""
-        return self.reason is None and self.chosen is not None
-
-    def not_analysed(self, outcome: str, reason: str) -> None:
-        """Record the first reason the study would not be analysed."""
-        if self.reason is None:
-            self.outcome, self.reason = outcome, reason
 
 
 # ----- the command ---------------------------------------------------------------------------------------------
@@ -236,12 +155,12 @@ def run_check(settings: Settings, paths: Sequence[Path], *, out_dir: Path = DEFA
     out = out_dir.resolve()
     if not scan.studies:
         print(f"dicom-node check: error: no DICOM instance found in {len(paths)} path(s) "
-              f"({scan.files} file(s) read{_skipped_text(scan.skipped)})", file=sys.stderr)
+              f"({scan.files} file(s) read{skipped_text(scan.skipped)})", file=sys.stderr)
         if as_json:
             print(json.dumps(summary_json(scan, [], out, 2, preprocess_volume=preprocess_volume), indent=2))
         return 2
     if not as_json:
-        print(_scan_text(scan))
+        print(scan_text(scan))
     studies: list[StudyCheck] = []
     for study_uid in sorted(scan.studies):
         study = check_study(study_uid, scan.studies[study_uid], rules, config, settings, out,
@@ -253,7 +172,7 @@ def run_check(settings: Settings, paths: Sequence[Path], *, out_dir: Path = DEFA
     if as_json:
         print(json.dumps(summary_json(scan, studies, out, status, preprocess_volume=preprocess_volume), indent=2))
     else:
-        print(_summary_text(studies, preprocess_volume))
+        print(summary_text(studies, preprocess_volume))
     return status
 
 
@@ -305,7 +224,7 @@ def scan_paths(paths: Sequence[Path]) -> Scan:
             scan.skip("unreadable DICOM")
             continue
         meta = getattr(header, "file_meta", None)
-        if str(getattr(meta, "MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY_STORAGE:
+        if str(getattr(meta, "MediaStorageSOPClassUID", "")) == MediaStorageDirectoryStorage:  # an index, no image
             scan.skip("DICOMDIR")
             continue
         sop_uid = str(header.get("SOPInstanceUID", "") or "")
@@ -548,152 +467,14 @@ def write_key_slices(study: StudyCheck, registered: Any, config: PreprocessConfi
     slices: list[KeySlice] = key_slices(registered, config.template_path or default_template_path())
     fig = Figure(figsize=(10.0, 4.4))
     chosen = study.chosen
-    series = "" if chosen is None else f"series {_number(chosen)} \"{chosen.description}\""
+    series = "" if chosen is None else f"series {series_number_text(chosen)} \"{chosen.description}\""
     fig.suptitle(f"Study {study.study_instance_uid}\n{series}: key slices after registration to the template",
                  fontsize=10)
     for index, key in enumerate(slices):
         draw_key_slice(fig.add_axes((0.02 + index * 0.33, 0.14, 0.29, 0.66)), key)
-    qc = ", ".join(f"{q.label} {_measured(q)}" for q in study.qc)
+    qc = ", ".join(f"{q.label} {measured_text(q)}" for q in study.qc)
     fig.text(0.02, 0.06, f"{OUTLINE_CAPTION}\nQC: {qc}", fontsize=8, color="#555555", va="center")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / png_name(study.study_instance_uid)
     fig.savefig(path, format="png", dpi=100, facecolor="white")
     return path
-
-
-# ----- output ---------------------------------------------------------------------------------------------------
-
-
-def _number(series: SeriesCheck) -> str:
-    return "?" if series.series_number is None else str(series.series_number)
-
-
-def _measured(q: QCValue) -> str:
-    """A measured QC value: slices as a count, a thickness in mm to 0.01, the rest to 0.001."""
-    digits = 0 if q.name == "slices" else 2 if q.unit else 3
-    return f"{q.value:.{digits}f}{q.unit}"
-
-
-def _skipped_text(skipped: dict[str, int]) -> str:
-    if not skipped:
-        return ""
-    return "; skipped: " + ", ".join(f"{count} {why}" for why, count in sorted(skipped.items()))
-
-
-def _scan_text(scan: Scan) -> str:
-    series = sum(len(s) for s in scan.studies.values())
-    return (f"{scan.files} file(s) read in {scan.seconds:.1f} s: {scan.instances} DICOM instance(s), "
-            f"{len(scan.studies)} study(ies), {series} series{_skipped_text(scan.skipped)}")
-
-
-def _seconds_text(seconds: dict[str, float]) -> str:
-    main = [(k, v) for k, v in seconds.items() if "." not in k]
-    parts = []
-    for name, value in main:
-        sub = [(k.split(".", 1)[1], v) for k, v in seconds.items() if k.startswith(name + ".")]
-        detail = f" ({', '.join(f'{k} {v:.1f} s' for k, v in sub)})" if sub else ""
-        parts.append(f"{name} {value:.2f} s{detail}")
-    return ", ".join(parts)
-
-
-def study_text(study: StudyCheck) -> str:
-    """The text report of one study."""
-    lines = ["", f"study {study.study_instance_uid or '(no StudyInstanceUID)'}: {len(study.series)} series"]
-    for s in study.series:
-        lines.append(f"  series {_number(s)} \"{s.description}\"  {s.modality or '-'}  {s.images} image(s)"
-                     + (f" in {s.instances} instance(s)" if s.instances != s.images else "")
-                     + f"  {s.series_instance_uid}")
-        for reason, count in s.refused.items():
-            lines.append(f"      refused at C-STORE: {count} of {s.instances} instance(s): {reason}")
-        if s.incomplete:
-            lines.append(f"      incomplete: {s.incomplete}")
-        if s.decision is not None:
-            verdict = "ACCEPTED" if s.decision.accepted else "refused"
-            lines.append(f"      {verdict} (score {s.decision.score:g}): {'; '.join(s.decision.reasons)}")
-    if study.converted is not None:
-        shape, spacing = study.converted["shape"], study.converted["spacing_mm"]
-        lines.append(f"  converted: {' x '.join(map(str, shape))} voxels of "
-                     f"{' x '.join(f'{v:g}' for v in spacing)} mm")
-    if study.qc:
-        lines.append(f"  QC ({study.qc_source}):")
-        for q in study.qc:
-            lines.append(f"    {q.label:22} {_measured(q):>8}   limit {q.comparison} {f'{q.limit:g}{q.unit}':<8} "
-                         f"{'ok' if q.ok else 'FAILED'}")
-    if study.stage_seconds:
-        lines.append(f"  stage times: {_seconds_text(study.stage_seconds)}")
-    if study.png is not None:
-        lines.append(f"  key slices: {study.png}")
-    elif study.png_error:
-        lines.append(f"  key slices: {study.png_error}")
-    if study.analysed:
-        chosen = study.chosen
-        assert chosen is not None
-        done = ("would be analysed" if study.preprocessed
-                else "converted; preprocessing and image QC not run (--no-preprocess)")
-        lines.append(f"  result: {done}: series {_number(chosen)} \"{chosen.description}\"")
-    else:
-        lines.append(f"  result: not analysed: {study.reason}")
-    return "\n".join(lines)
-
-
-def _summary_text(studies: Sequence[StudyCheck], preprocessed: bool) -> str:
-    good = sum(s.analysed for s in studies)
-    verb = "would be analysed" if preprocessed else "passed selection and conversion"
-    lines = ["", f"summary: {good} of {len(studies)} study(ies) {verb}"]
-    lines += [f"  not analysed: study {s.study_instance_uid}: {s.reason}" for s in studies if not s.analysed]
-    return "\n".join(lines)
-
-
-def _series_json(s: SeriesCheck) -> dict[str, Any]:
-    return {
-        "series_instance_uid": s.series_instance_uid,
-        "series_number": s.series_number,
-        "description": s.description,
-        "modality": s.modality,
-        "instances": s.instances,
-        "images": s.images,
-        "refused_at_cstore": s.refused,
-        "incomplete": s.incomplete,
-        "accepted": bool(s.decision and s.decision.accepted),
-        "score": None if s.decision is None else s.decision.score,
-        "reasons": [] if s.decision is None else list(s.decision.reasons),
-    }
-
-
-def _study_json(study: StudyCheck) -> dict[str, Any]:
-    return {
-        "study_instance_uid": study.study_instance_uid,
-        "analysed": study.analysed,
-        "preprocessed": study.preprocessed,
-        "outcome": study.outcome,
-        "reason": study.reason,
-        "chosen_series_instance_uid": None if study.chosen is None else study.chosen.series_instance_uid,
-        "series": [_series_json(s) for s in study.series],
-        "converted": study.converted,
-        "qc_source": study.qc_source or None,
-        "qc": {q.name: {"value": q.value, "limit": q.limit, "comparison": q.comparison, "ok": q.ok}
-               for q in study.qc},
-        "stage_seconds": study.stage_seconds,
-        "key_slices_png": None if study.png is None else str(study.png),
-    }
-
-
-def summary_json(scan: Scan, studies: Sequence[StudyCheck], out_dir: Path, status: int, *,
-                 preprocess_volume: bool = True) -> dict[str, Any]:
-    """The machine-readable summary printed by ``--json``.
-
-    With ``--no-preprocess`` (``no_preprocess`` true) a study's ``analysed`` means that it passed
-    the stages that were run (up to conversion and the slice count and thickness limits).
-    """
-    return {
-        "files": scan.files,
-        "instances": scan.instances,
-        "skipped": scan.skipped,
-        "read_seconds": scan.seconds,
-        "no_preprocess": not preprocess_volume,
-        "out_dir": str(out_dir),
-        "studies": [_study_json(s) for s in studies],
-        "analysed": sum(s.analysed for s in studies),
-        "not_analysed": sum(not s.analysed for s in studies),
-        "exit_status": status,
-    }
