@@ -11,7 +11,9 @@ one-vs-rest AUC (:mod:`model.intervals`); calibration (expected calibration
 error before and after the run's temperature, a reliability diagram,
 :mod:`model.calibration`); a confusion-matrix PNG and a t-SNE PNG of the
 embeddings the classifier sees (image embedding, or image and text embeddings
-concatenated), coloured by true class.
+concatenated), coloured by true class.  Beside every run, on the same split, the baseline of
+:mod:`model.baseline` (logistic regressions on image features, on the note's
+numbers and on both), with the same intervals.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.baseline import format_baseline, run_baseline
 from model.brain_adapter import BrainAdapter, Preset
 from model.calibration import apply_temperature, calibration_bins, expected_calibration_error, plot_reliability
 from model.dataset import Sample, check_preprocessing, read_manifest, subject_split
@@ -231,6 +234,33 @@ def _rows(summary: dict[str, Any], manifest: Path | None) -> tuple[list[Sample],
     return samples, test
 
 
+def _training_rows(summary: dict[str, Any]) -> list[Sample]:
+    """The scans the run could learn from: its training and validation subjects in its own manifest.
+
+    Raises
+    ------
+    ModelInputError
+        When the run's manifest is missing or unreadable.
+    """
+    split = summary["split"]
+    subjects = set(split["train_subjects"]) | set(split.get("validation_subjects", []))
+    return [s for s in read_manifest(Path(summary["config"]["manifest"])) if s.subject_id in subjects]
+
+
+def _baseline(summary: dict[str, Any], evaluated: Sequence[Sample], cache: dict[Any, dict[str, Any]],
+              features: dict[Path, np.ndarray], *, seed: int, n_boot: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The baseline on a run's split (computed once per distinct split), and the split's key."""
+    try:
+        train = _training_rows(summary)
+    except ModelInputError as exc:
+        return ("unreadable", summary["config"]["manifest"]), {"skipped": f"the run's training scans: {exc}"}
+    key = (tuple((str(s.volume), s.note, s.label, s.subject_id) for s in train),
+           tuple((str(s.volume), s.note, s.label, s.subject_id) for s in evaluated))
+    if key not in cache:
+        cache[key] = run_baseline(train, evaluated, seed=seed, n_boot=n_boot, cache=features)
+    return key, cache[key]
+
+
 def assess(samples: Sequence[Sample], pred: Predictions, temperature: float, *, seed: int = 0,
            n_boot: int = N_BOOTSTRAP) -> dict[str, Any]:
     """Metrics, bootstrap intervals and calibration of predictions on labelled scans.
@@ -298,6 +328,10 @@ def evaluate_runs(run_dirs: Sequence[Path], out_dir: Path, *, manifest: Path | N
                   seed: int = 0) -> tuple[str, dict[str, Any]]:
     """Evaluate runs side by side; write ``confusion.png``, ``tsne.png``, ``calibration.png``, ``metrics.json``.
 
+    Each run's results carry ``baseline``: :func:`model.baseline.run_baseline` fitted on
+    the run's training and validation subjects and scored on the scans the run is
+    evaluated on (or ``{"skipped": reason}``); runs sharing a split share it.
+
     Parameters
     ----------
     run_dirs : sequence of Path
@@ -323,12 +357,15 @@ def evaluate_runs(run_dirs: Sequence[Path], out_dir: Path, *, manifest: Path | N
     Returns
     -------
     tuple
-        The Markdown tables (the paper's, then intervals and calibration) and the
-        results by run name.
+        The Markdown tables (the paper's, then intervals and calibration, then the
+        baseline) and the results by run name.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    baselines: dict[Any, dict[str, Any]] = {}
+    baseline_runs: dict[Any, list[str]] = {}
+    features: dict[Path, np.ndarray] = {}
     confusion: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     tsne: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     reliability: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
@@ -345,6 +382,8 @@ def evaluate_runs(run_dirs: Sequence[Path], out_dir: Path, *, manifest: Path | N
         temperature = float(summary.get("temperature", 1.0))
         pred = predict(model, inputs, list(range(len(chosen))), batch_size, temperature=temperature)
         results[name] = assess(chosen, pred, temperature, seed=seed, n_boot=n_boot)
+        key, results[name]["baseline"] = _baseline(summary, chosen, baselines, features, seed=seed, n_boot=n_boot)
+        baseline_runs.setdefault(key, []).append(name)
         y_true = np.array([s.label for s in chosen])
         confusion[name] = (y_true, pred.predicted)
         tsne[name] = (pred.embeddings, y_true)
@@ -356,4 +395,5 @@ def evaluate_runs(run_dirs: Sequence[Path], out_dir: Path, *, manifest: Path | N
     plot_reliability(reliability, out_dir / "calibration.png")
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     tables = format_table({n: r["metrics"] for n, r in results.items()}) + "\n\n" + format_intervals(results)
+    tables += "\n\n" + format_baseline([(runs, results[runs[0]]["baseline"]) for runs in baseline_runs.values()])
     return tables, results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,36 @@ def test_evaluate_cli_prints_table_and_writes_figures(runs: list[Path], tmp_path
     assert macro["low"] <= macro["value"] <= macro["high"] and macro["replicates"] == 1000
     assert macro["value"] == pytest.approx(metrics["metrics"]["macro avg"]["f1"])
     assert "| run | F1 AD | F1 MCI | F1 CN | macro F1 |" in printed and "ECE calibrated (T)" in printed
+    # the baseline on the same split, once for the two columns that share it, in the output and in metrics.json
+    summary = json.loads((runs[0] / "run.json").read_text())
+    fitted = summary["split"]["train_scans"] + summary["split"]["validation_scans"]
+    scored = summary["split"]["test_scans"]
+    assert "| baseline | split of | fitted / scored scans | F1 AD |" in printed
+    for row in ("MRI features", "note numbers", "both"):
+        assert printed.count(f"| {row} | MRI, MRI+note | {fitted} / {scored} | ") == 1
+    written = json.loads((out / "metrics.json").read_text())
+    baseline = written["MRI"]["baseline"]
+    assert written["MRI+note"]["baseline"] == baseline
+    assert (baseline["train_scans"], baseline["evaluated_scans"]) == (fitted, scored)
+    both = baseline["results"]["both"]["intervals"]["macro f1"]
+    assert both["low"] <= both["value"] <= both["high"] and both["replicates"] == 1000
+
+
+def test_evaluate_says_why_the_baseline_is_skipped(runs: list[Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    summary = json.loads((runs[0] / "run.json").read_text())
+    manifest = Path(summary["config"]["manifest"])
+    moved = tmp_path / "run"
+    shutil.copytree(runs[0], moved)
+    summary["config"]["manifest"] = str(tmp_path / "gone" / "manifest.csv")  # the run's training data is gone
+    (moved / "run.json").write_text(json.dumps(summary))
+    status = main(["evaluate", str(moved), "--out", str(tmp_path / "report"), "--manifest", str(manifest),
+                   "--bootstrap", "20"])
+    printed = capsys.readouterr().out
+    assert status == 0 and "| macro avg |" in printed
+    assert "baseline skipped for mri+note: the run's training scans: manifest not found" in printed
+    skipped = json.loads((tmp_path / "report" / "metrics.json").read_text())["mri+note"]["baseline"]
+    assert skipped["skipped"].startswith("the run's training scans: manifest not found")
 
 
 def test_training_stores_the_temperature_and_writes_a_model_card(runs: list[Path]) -> None:
