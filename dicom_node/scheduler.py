@@ -1,4 +1,4 @@
-"""The node's background loop: completeness, dispatch of queued runs (to a pluggable executor), delivery."""
+"""The node's background loop: completeness, dispatch of queued runs (to a pluggable executor), delivery, webhooks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db.session import CHECKPOINT_INTERVAL_S, checkpoint
 from dicom_node.ingest.completeness import complete_quiet_series, create_runs
 from dicom_node.outbox.delivery import deliver_due
+from dicom_node.outbox.notify import Notifier
 from dicom_node.runs.claims import requeue
 from dicom_node.runs.executors import LocalExecutor, RunExecutor
 from dicom_node.settings import Settings
@@ -45,6 +46,7 @@ class Scheduler:
         self.executor: RunExecutor = executor
         self._delivery_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery")
         self._delivering: Future[int] | None = None
+        self.notifier = Notifier(settings, sessions)  # webhooks, in a thread of its own
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._checkpointed_at = 0.0
@@ -64,6 +66,7 @@ class Scheduler:
             self._thread.join()
         self.executor.shutdown(wait=wait_for_runs)
         self._delivery_pool.shutdown(wait=True, cancel_futures=True)
+        self.notifier.close()
 
     def tick(self) -> None:
         """One pass of the loop (public for tests)."""
@@ -73,6 +76,7 @@ class Scheduler:
         self.executor.dispatch()
         if self._delivering is None or self._delivering.done():
             self._delivering = self._delivery_pool.submit(deliver_due, self.sessions, self.settings)
+        self.notifier.tick()
         now = time.monotonic()
         engine = self.sessions.kw.get("bind")
         if isinstance(engine, Engine) and now - self._checkpointed_at >= CHECKPOINT_INTERVAL_S:

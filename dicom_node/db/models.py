@@ -22,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -242,6 +243,44 @@ class Delivery(Base):
     history: Mapped[list[Any] | None] = mapped_column(JSON)
 
     run: Mapped[Run] = relationship(back_populates="deliveries")
+
+
+class NotificationState(StrEnum):
+    """Life cycle of one webhook notification."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class Notification(Base):
+    """One event for one webhook: the durable outbox of :mod:`dicom_node.outbox.notify`.
+
+    ``subject_id`` is the run id (``run.*`` events) or the delivery id
+    (``delivery.dead_lettered``, ``<id>/<n>`` after *n* replays); the unique
+    key makes an event notified once per webhook, whichever node found it.
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        UniqueConstraint("event", "subject_id", "webhook", name="uq_notifications_event_subject_webhook"),
+        Index("ix_notifications_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event: Mapped[str] = mapped_column(String(32))
+    subject_id: Mapped[str] = mapped_column(String(64))
+    webhook: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default=NotificationState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: HTTP status of the last attempt (None: no answer).
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ClinicalNote(Base):

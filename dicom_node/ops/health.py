@@ -4,10 +4,12 @@ Readiness is a list of named checks, each answering ``ok`` and a short
 ``detail`` (never patient data): the database answers, the spool is writable,
 free disk is above ``storage.free_space_reserve_mb``, the DICOM listener is
 open, the run workers are alive and, where this process loads one, the model is
-loaded.  Informational checks (``critical=False``, e.g. the last delivery to each
-destination: the node records no C-ECHO results) are shown but never make the
-node unready.  Each check has a time limit, so that a database that does not
-answer makes ``/readyz`` say so instead of hanging.
+loaded.  Informational checks (``critical=False``: the last delivery to each
+destination, ``destination:<name>``, and its last periodic C-ECHO, ``echo:<name>``,
+:mod:`dicom_node.ops.echo`) are shown but never make the node unready: a PACS that
+does not answer does not stop the node receiving, and the outbox retries.  Each
+check has a time limit, so that a database that does not answer makes
+``/readyz`` say so instead of hanging.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import Delivery
+from dicom_node.ops.echo import EchoProbe, EchoResult
 from dicom_node.runs.executors import CeleryExecutor, LocalExecutor, RunExecutor
 from dicom_node.runs.processes import ProcessExecutor
 from dicom_node.settings import Settings
@@ -116,7 +119,7 @@ def model_check(identity: Callable[[], dict[str, str] | None], settings: Setting
 
 
 def destinations_check(sessions: sessionmaker[Session], settings: Settings) -> Check:
-    """Informational: the last delivery attempt to each destination (the node records no C-ECHO results)."""
+    """Informational: the last delivery attempt to each destination (its C-ECHO: :func:`echo_check`)."""
     def check() -> list[CheckResult]:
         last = (select(Delivery.destination, func.max(Delivery.last_attempt_at))
                 .where(Delivery.last_attempt_at.is_not(None)).group_by(Delivery.destination))
@@ -138,6 +141,19 @@ def destinations_check(sessions: sessionmaker[Session], settings: Settings) -> C
                                            + (f" ({row.failure_class})" if row.failure_class else ""),
                                            critical=False))
         return results
+    return check
+
+
+def echo_check(probe: EchoProbe) -> Check:
+    """Informational: the last periodic C-ECHO of each destination (none when the probe is off)."""
+    def check() -> list[CheckResult]:
+        if not probe.enabled:
+            return []
+        results = probe.results()
+        return [CheckResult(f"echo:{dest.name}", results[dest.name].ok, results[dest.name].detail, critical=False)
+                if dest.name in results else
+                CheckResult(f"echo:{dest.name}", True, "no C-ECHO yet", critical=False)
+                for dest in probe.settings.destinations]
     return check
 
 
@@ -181,6 +197,11 @@ def _first_line(exc: BaseException) -> str:
     return (str(orig).strip().splitlines() or [""])[0][:200]
 
 
-def as_json(ready: bool, results: list[CheckResult]) -> dict[str, Any]:
-    """The ``/readyz`` body."""
-    return {"status": "ready" if ready else "not ready", "checks": {r.name: asdict(r) for r in results}}
+def as_json(ready: bool, results: list[CheckResult],
+            echoes: dict[str, EchoResult] | None = None) -> dict[str, Any]:
+    """The ``/readyz`` body: status, checks and (with *echoes*) the last C-ECHO of each destination."""
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready",
+                            "checks": {r.name: asdict(r) for r in results}}
+    if echoes is not None:
+        body["echo"] = {name: result.as_json() for name, result in sorted(echoes.items())}
+    return body

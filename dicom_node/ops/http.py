@@ -3,7 +3,8 @@
 :class:`HttpServer` binds its socket in :meth:`HttpServer.start` (so a port in
 use stops start-up at once, with a one-line message naming ``http.port``),
 then serves ``/healthz``, ``/readyz``, ``/metrics`` and the admin view
-(:mod:`dicom_node.ops.views`) until :meth:`HttpServer.stop`.  uvicorn's access
+(:mod:`dicom_node.ops.views`) until :meth:`HttpServer.stop`.  The periodic
+C-ECHO of the destinations (:mod:`dicom_node.ops.echo`) starts and stops with it.  uvicorn's access
 log is off: query strings (an accession number in a filter) are not logged.
 """
 
@@ -25,8 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.errors import NodeError
 from dicom_node.ops import health
 from dicom_node.ops.context import OpsContext
+from dicom_node.ops.echo import EchoProbe
 from dicom_node.ops.health import as_json
 from dicom_node.ops.metrics import NodeCollector, make_registry
+from dicom_node.ops.modelinfo import ModelIdentity
 from dicom_node.ops.views import add_views
 from dicom_node.runs.executors import RunExecutor
 from dicom_node.settings import Settings
@@ -49,9 +52,10 @@ def create_app(ctx: OpsContext) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        """Every critical check passed (200), or not (503); the body lists each check."""
+        """Every critical check passed (200), or not (503); the body lists each check and the last C-ECHOs."""
         ready, results = ctx.readiness.run()
-        return JSONResponse(as_json(ready, results), status_code=200 if ready else 503)
+        echoes = ctx.echo.results() if ctx.echo is not None and ctx.echo.enabled else None
+        return JSONResponse(as_json(ready, results, echoes), status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -115,7 +119,7 @@ class HttpServer:
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     def start(self) -> None:
-        """Bind, then serve in a thread; returns once uvicorn serves (or raises NodeError)."""
+        """Bind, then serve in a thread; returns once uvicorn serves (or raises NodeError); start the C-ECHOs."""
         cfg = self.ctx.settings.http
         self._sock = bind_socket(cfg.bind_address, cfg.port)
         config = uvicorn.Config(create_app(self.ctx), log_config=None, access_log=False, lifespan="off",
@@ -134,9 +138,15 @@ class HttpServer:
             self.stop()
             raise NodeError(f"the HTTP server did not start on {cfg.bind_address}:{cfg.port}")
         logger.info("HTTP (health, metrics, admin view) on %s", self.url)
+        if self.ctx.model is not None:
+            self.ctx.model.prime()
+        if self.ctx.echo is not None:
+            self.ctx.echo.start()
 
     def stop(self) -> None:
-        """Stop serving and close the socket."""
+        """Stop the C-ECHOs and serving, and close the socket."""
+        if self.ctx.echo is not None:
+            self.ctx.echo.stop()
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -163,12 +173,16 @@ def build_http_server(settings: Settings, sessions: sessionmaker[Session], *, li
     executor : callable
         The run executor, or None while it is starting (loading the model).
     model_identity : callable
-        The model loaded by this node or its worker processes (name, version, weights), or None.
+        The model loaded by this node (name, version, weights) or the name its worker processes
+        loaded (the rest is read from ``model.path``: :mod:`dicom_node.ops.modelinfo`), or None.
     """
+    model = ModelIdentity(settings, model_identity)
+    probe = EchoProbe(settings)
     checks = [
         health.database_check(sessions), health.spool_check(settings), health.disk_check(settings),
         health.listener_check(listener_port), health.workers_check(executor, settings),
-        health.model_check(model_identity, settings), health.destinations_check(sessions, settings),
+        health.model_check(model, settings), health.destinations_check(sessions, settings),
+        health.echo_check(probe),
     ]
-    collector = NodeCollector(sessions, settings.http.metrics_cache_s, model_identity)
-    return HttpServer(OpsContext(settings, sessions, health.Readiness(checks), collector))
+    collector = NodeCollector(sessions, settings.http.metrics_cache_s, model, probe.results)
+    return HttpServer(OpsContext(settings, sessions, health.Readiness(checks), collector, echo=probe, model=model))

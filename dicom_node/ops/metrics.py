@@ -11,8 +11,16 @@ Metrics (all prefixed ``dicom_node_``): ``instances_received_total``,
 ``instances_refused_total{status}``, ``associations_total{outcome}``,
 ``runs{state,outcome}``, ``run_stage_seconds{stage}`` (histogram of
 ``runs.stage_seconds``), ``queue_depth``, ``queue_oldest_age_seconds``,
-``deliveries{state}``, ``dead_letters``, ``model_info{name,version,weights_sha256,source}``,
-``database_up`` and ``metrics_collect_seconds``.
+``deliveries{state}``, ``dead_letters``, ``notifications{state}``, ``model_info{name,version,weights_sha256,source}``,
+``database_up`` and ``metrics_collect_seconds``; from the periodic C-ECHO
+(:mod:`dicom_node.ops.echo`, in memory, not the database):
+``destination_echo_up{destination}``, ``destination_echo_rtt_seconds{destination}``
+and ``destination_echo_timestamp_seconds{destination}``.
+
+The model's identity (``model_info``) comes from where it is true: ``source="loaded"``
+is the model of this node or its worker processes (:mod:`dicom_node.ops.modelinfo`;
+none for a Celery listener), ``source="last_run"`` the model recorded by the most
+recent finished run, whichever process or machine ran it.
 """
 
 from __future__ import annotations
@@ -36,7 +44,18 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import AssociationLog, Delivery, DeliveryState, Instance, Rejection, Run, RunState
+from dicom_node.db.models import (
+    AssociationLog,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Notification,
+    NotificationState,
+    Rejection,
+    Run,
+    RunState,
+)
+from dicom_node.ops.echo import EchoResult
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +64,7 @@ PREFIX = "dicom_node_"
 STAGE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 ModelIdentity = Callable[[], dict[str, str] | None]
+EchoResults = Callable[[], dict[str, EchoResult]]
 
 
 def _aware(value: datetime) -> datetime:
@@ -78,13 +98,16 @@ class NodeCollector(Collector):
         Seconds a result is reused.
     model_identity : callable, optional
         The model this node (or its worker processes) loaded, or None.
+    echoes : callable, optional
+        The last C-ECHO of each destination (:meth:`dicom_node.ops.echo.EchoProbe.results`).
     """
 
     def __init__(self, sessions: sessionmaker[Session], cache_s: float = 5.0,
-                 model_identity: ModelIdentity | None = None) -> None:
+                 model_identity: ModelIdentity | None = None, echoes: EchoResults | None = None) -> None:
         self.sessions = sessions
         self.cache_s = cache_s
         self.model_identity = model_identity
+        self.echoes = echoes
         self._lock = threading.Lock()
         self._cached: tuple[float, list[Any]] | None = None
 
@@ -107,9 +130,10 @@ class NodeCollector(Collector):
             logger.warning("metrics: database not readable (%s)", type(exc).__name__)
             families = []
             up.add_metric([], 0.0)
+        echo = echo_families(self.echoes() if self.echoes else {})
         took = GaugeMetricFamily(PREFIX + "metrics_collect_seconds", "Seconds the last read of the figures took")
         took.add_metric([], time.perf_counter() - started)
-        return [*families, up, took]
+        return [*families, *echo, up, took]
 
     def _from_database(self) -> list[Any]:
         with self.sessions() as session:
@@ -123,9 +147,12 @@ class NodeCollector(Collector):
             stages = session.scalars(select(Run.stage_seconds).where(Run.finished_at.is_not(None))).all()
             deliveries = {state: count for state, count in session.execute(
                 select(Delivery.state, func.count()).group_by(Delivery.state)).all()}
+            notifications = {state: count for state, count in session.execute(
+                select(Notification.state, func.count()).group_by(Notification.state)).all()}
             last_model = session.execute(
                 select(Run.model_name, Run.model_version, Run.model_weights_sha256)
-                .where(Run.model_name.is_not(None)).order_by(Run.finished_at.desc()).limit(1)).first()
+                .where(Run.model_name.is_not(None), Run.finished_at.is_not(None))
+                .order_by(Run.finished_at.desc()).limit(1)).first()
 
         fams: list[Any] = []
         fam = CounterMetricFamily(PREFIX + "instances_received", "Instances received and kept (answered Success)")
@@ -160,16 +187,36 @@ class NodeCollector(Collector):
         gauge = GaugeMetricFamily(PREFIX + "dead_letters", "Deliveries in the dead-letter state (need an admin)")
         gauge.add_metric([], float(deliveries.get(DeliveryState.DEAD.value, 0)))
         fams.append(gauge)
+        gauge = GaugeMetricFamily(PREFIX + "notifications", "Webhook notifications, by state", labels=["state"])
+        for notification_state in NotificationState:
+            gauge.add_metric([notification_state.value], float(notifications.get(notification_state.value, 0)))
+        fams.append(gauge)
         loaded = self.model_identity() if self.model_identity else None
-        info = InfoMetricFamily(PREFIX + "model", "The model: loaded by this node, else the last one a run used",
+        info = InfoMetricFamily(PREFIX + "model", "The model loaded by this node or its worker processes "
+                                "(source=loaded) and the one the most recent finished run used (source=last_run)",
                                 labels=["source"])
         if loaded:
-            info.add_metric(["loaded"], {k: str(v) for k, v in loaded.items()})
-        elif last_model is not None:
+            info.add_metric(["loaded"], {k: str(loaded.get(k) or "") for k in ("name", "version", "weights_sha256")})
+        if last_model is not None:
             info.add_metric(["last_run"], {"name": last_model[0] or "", "version": last_model[1] or "",
                                            "weights_sha256": last_model[2] or ""})
         fams.append(info)
         return fams
+
+
+def echo_families(results: dict[str, EchoResult]) -> list[Any]:
+    """Gauges of the last C-ECHO of each destination: success, round trip, when."""
+    up = GaugeMetricFamily(PREFIX + "destination_echo_up", "1 when the last C-ECHO of the destination succeeded",
+                           labels=["destination"])
+    rtt = GaugeMetricFamily(PREFIX + "destination_echo_rtt_seconds",
+                            "Seconds the last C-ECHO took (connect, associate, echo, release)", labels=["destination"])
+    when = GaugeMetricFamily(PREFIX + "destination_echo_timestamp_seconds",
+                             "Unix time of the last C-ECHO of the destination", labels=["destination"])
+    for name, result in sorted(results.items()):
+        up.add_metric([name], 1.0 if result.ok else 0.0)
+        rtt.add_metric([name], result.rtt_ms / 1000.0)
+        when.add_metric([name], result.at.timestamp())
+    return [up, rtt, when]
 
 
 def make_registry(collector: NodeCollector) -> CollectorRegistry:

@@ -3,7 +3,8 @@
 Pages: runs (filters: state, outcome, accession, study UID, id prefix), one
 run (stage timeline, series selection with reasons, QC, notes used, model,
 deliveries with their attempts), the association log, dead letters (replay:
-POST, admin only) and the effective configuration with secrets masked.
+POST, admin only) and the configuration page: the readiness checks, the last
+C-ECHO of each destination and the effective configuration with secrets masked.
 
 Without ``http.admin_token`` every page is read-only and shows no patient ID.
 With one, an administrator logs in with it (a cookie holding an HMAC of the
@@ -139,7 +140,11 @@ def add_views(app: FastAPI, ctx: OpsContext) -> None:
 
     @app.get("/config", response_class=HTMLResponse)
     def config(request: Request) -> HTMLResponse:
-        return page(request, "config.html", rows=effective_config(ctx.settings))
+        ready, checks = ctx.readiness.run()
+        echoes = ctx.echo.results() if ctx.echo is not None else {}
+        return page(request, "config.html", rows=effective_config(ctx.settings), ready=ready, checks=checks,
+                    destinations=ctx.settings.destinations, echoes=echoes,
+                    echo_interval=ctx.settings.http.echo_interval_s)
 
     @app.get("/login", response_class=HTMLResponse)
     def login_form(request: Request, failed: str = "") -> HTMLResponse:

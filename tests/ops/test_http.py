@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,29 +19,12 @@ from dicom_node.ops.http import HttpServer, bind_socket, build_http_server
 from dicom_node.settings import Settings
 from tests.conftest import make_settings
 from tests.ops.seed import PATIENT_ID, RUN_OK, seed
+from tests.support.http import get
 
 TOKEN = "test-admin-token-0123456789"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-OPENER = urllib.request.build_opener(_NoRedirect)
-
-
-def get(url: str, headers: dict[str, str] | None = None, data: bytes | None = None) -> tuple[int, str, Any]:
-    """Status, body and headers of one request (redirects and errors returned, not raised)."""
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with OPENER.open(request, timeout=10) as response:
-            return response.status, response.read().decode(), response.headers
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(), exc.headers
-
-
-def start(settings: Settings, db: Database, *, executor: object = None, listening: bool = True) -> HttpServer:
+def start(settings: Settings, db: Database, *, executor: Any = None, listening: bool = True) -> HttpServer:
     def port() -> int:
         if not listening:
             raise NodeError("not running")
@@ -139,7 +120,10 @@ def test_metrics_are_read_from_the_database(served: tuple[HttpServer, Database])
     assert samples[("dicom_node_run_stage_seconds_bucket", (("le", "60.0"), ("stage", "preprocessed")))] == 1
     assert samples[("dicom_node_run_stage_seconds_sum", (("stage", "converted"),))] == 3.0
     assert samples[("dicom_node_model_info", (("name", "brain-adapter-demo"), ("source", "loaded"),
-                                              ("version", "0.1")))] == 1
+                                              ("version", "0.1"), ("weights_sha256", "")))] == 1
+    # and the model the most recent finished run used, whichever process ran it
+    assert samples[("dicom_node_model_info", (("name", "brain-adapter-demo"), ("source", "last_run"),
+                                              ("version", "0.1"), ("weights_sha256", "ab" * 32)))] == 1
     assert samples[("dicom_node_database_up", ())] == 1
     assert PATIENT_ID not in body and "ACC-OPS" not in body
 

@@ -66,7 +66,8 @@ def study(tmp_path: Path) -> Iterator[Study5]:
     made.db.engine.dispose()
 
 
-def test_a_run_opens_a_handful_of_short_transactions_none_nested(study: Study5, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_opens_a_handful_of_short_transactions_none_nested(
+        study: Study5, monkeypatch: pytest.MonkeyPatch) -> None:
     run_id = study.new_run()
     monkeypatch.setattr(processing, "convert_series", _converted)
     monkeypatch.setattr(processing, "preprocess", _preprocessed)
