@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,11 +67,16 @@ class LocalOrthanc:
         Private directory for its configuration, storage and log.
     ae_title : str
         Its AE title.
+    modalities : Mapping, optional
+        Orthanc's ``DicomModalities``: name to ``[AE title, host, port]``; the AE titles allowed to query and
+        retrieve (C-FIND, C-MOVE, C-GET) and the C-MOVE destinations.  Default none (C-STORE and C-ECHO only).
     """
 
-    def __init__(self, workdir: Path, ae_title: str = "PACS") -> None:
+    def __init__(self, workdir: Path, ae_title: str = "PACS",
+                 modalities: Mapping[str, tuple[str, str, int]] | None = None) -> None:
         self.workdir = workdir
         self.ae_title = ae_title
+        self.modalities = {name: list(entry) for name, entry in (modalities or {}).items()}
         self.dicom_port = free_port()
         self.http_port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -98,6 +103,7 @@ class LocalOrthanc:
             "DicomAlwaysAllowStore": True,
             "Plugins": [],
             "StableAge": 2,
+            "DicomModalities": self.modalities,
         }
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")

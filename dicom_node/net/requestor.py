@@ -55,10 +55,10 @@ def checkpoint(assoc: Any) -> bool:
 
 
 def associate(ae: AE, host: str, port: int, *, ae_title: str, tls_args: Any = None,
-              evt_handlers: list[Any] | None = None) -> Association:
+              evt_handlers: list[Any] | None = None, ext_neg: list[Any] | None = None) -> Association:
     """``ae.associate(...)`` with the race-free reactor (see the module's description)."""
     handlers = [*(evt_handlers or []), (evt.EVT_CONN_OPEN, _install)]
-    return ae.associate(host, port, ae_title=ae_title, tls_args=tls_args, evt_handlers=handlers)
+    return ae.associate(host, port, ae_title=ae_title, tls_args=tls_args, evt_handlers=handlers, ext_neg=ext_neg)
 
 
 def _install(event: Any) -> None:
