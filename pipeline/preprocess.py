@@ -196,6 +196,81 @@ class PreprocessConfig:
     min_wm_gm_ratio: float = 1.05
 
 
+@dataclass(frozen=True)
+class QCLimit:
+    """One QC value of :func:`preprocess` and the :class:`PreprocessConfig` field that limits it.
+
+    Parameters
+    ----------
+    key : str
+        Key in :attr:`Preprocessed.qc`.
+    label : str
+        What a reader calls it ("slice thickness").
+    config_field : str
+        The :class:`PreprocessConfig` field holding the limit.
+    comparison : {">=", "<="}
+        A value passes when ``value <comparison> limit``.
+    unit : str
+        Suffix of value and limit when printed (" mm"), empty for ratios and counts.
+    """
+
+    key: str
+    label: str
+    config_field: str
+    comparison: Literal[">=", "<="]
+    unit: str = ""
+
+    def limit(self, config: PreprocessConfig) -> float:
+        """The limit *config* sets."""
+        return float(getattr(config, self.config_field))
+
+
+#: The one table of QC values and their limits (the order in which they are shown).
+QC_LIMITS: tuple[QCLimit, ...] = (
+    QCLimit("slices", "slices", "min_slices", ">="),
+    QCLimit("slice_thickness_mm", "slice thickness", "max_slice_thickness_mm", "<=", " mm"),
+    QCLimit("correlation", "template correlation", "min_correlation", ">="),
+    QCLimit("coverage", "brain coverage", "min_coverage", ">="),
+    QCLimit("wm_gm_ratio", "WM/GM ratio", "min_wm_gm_ratio", ">="),
+)
+
+
+@dataclass(frozen=True)
+class QCCheck:
+    """A measured QC value next to its limit."""
+
+    key: str
+    label: str
+    value: float
+    limit: float
+    comparison: Literal[">=", "<="]
+    unit: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the value is within its limit."""
+        return self.value >= self.limit if self.comparison == ">=" else self.value <= self.limit
+
+
+def qc_checks(qc: dict[str, float], config: PreprocessConfig) -> tuple[QCCheck, ...]:
+    """The measured QC values of :attr:`Preprocessed.qc` with their limits, in :data:`QC_LIMITS` order.
+
+    Parameters
+    ----------
+    qc : dict of str to float
+        Measured values (keys missing from it are left out).
+    config : PreprocessConfig
+        The limits the values were checked against.
+
+    Returns
+    -------
+    tuple of QCCheck
+        One entry per measured value.
+    """
+    return tuple(QCCheck(q.key, q.label, float(qc[q.key]), q.limit(config), q.comparison, q.unit)
+                 for q in QC_LIMITS if q.key in qc)
+
+
 @dataclass
 class Preprocessed:
     """Result of :func:`preprocess`; see the module docstring for the contract.
@@ -212,12 +287,18 @@ class Preprocessed:
     registered : numpy.ndarray or None
         The registered 1 mm volume before crop/normalisation, same axis
         convention as ``volume`` (template grid size).
+    template_to_native : numpy.ndarray or None
+        4x4 affine mapping a template point to the input's point (LPS mm), the
+        registration that made ``registered``; its determinant is the input's
+        volume per template volume (:mod:`pipeline.volumetry`).  None when the
+        registration is not affine ("SyN").
     """
 
     volume: NDArray[np.float32]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     qc: dict[str, float] = field(default_factory=dict)
     registered: NDArray[np.float32] | None = None
+    template_to_native: NDArray[np.float64] | None = None
 
 
 def _qc_fail(what: str, measured: float, limit: float, unit: str = "") -> NotAnalysed:
@@ -482,6 +563,21 @@ def _register(ws: _Workspace, config: PreprocessConfig, start: NDArray[np.float6
     return transforms, _correlation(warped[ws.brain], ws.template[ws.brain])
 
 
+def _affine_matrix(transforms: list[str]) -> NDArray[np.float64] | None:
+    """The 4x4 template-to-input point map of a single affine transform file (None otherwise)."""
+    import ants
+
+    if len(transforms) != 1 or not transforms[0].endswith(".mat"):
+        return None
+    transform = ants.read_transform(transforms[0])
+    params = np.asarray(transform.parameters, dtype=np.float64)
+    centre = np.asarray(transform.fixed_parameters, dtype=np.float64)
+    matrix = np.eye(4)
+    matrix[:3, :3] = params[:9].reshape(3, 3)
+    matrix[:3, 3] = params[9:12] + centre - matrix[:3, :3] @ centre  # ITK: y = M (x - c) + c + t
+    return matrix
+
+
 def _correlation(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
     """Pearson correlation, 0 for a constant input."""
     if np.std(a) == 0 or np.std(b) == 0:
@@ -582,6 +678,7 @@ def preprocess(nifti_path: Path, config: PreprocessConfig) -> Preprocessed:
             logger.info("registration start %d: template correlation %.3f (working grid), trying another start",
                         attempt + 1, corr)
         transforms = best[1]
+        to_native = _affine_matrix(transforms)
         warped_img = ants.apply_transforms(template, corrected, transforms, interpolator="linear")
         seconds["registration"] = time.perf_counter() - t0
 
@@ -612,4 +709,4 @@ def preprocess(nifti_path: Path, config: PreprocessConfig) -> Preprocessed:
     seconds["crop_resample"] = time.perf_counter() - t0
     logger.info("preprocessed volume: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return Preprocessed(volume=volume, stage_seconds=seconds, qc=qc,
-                        registered=warped if config.keep_registered else None)
+                        registered=warped if config.keep_registered else None, template_to_native=to_native)

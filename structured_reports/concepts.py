@@ -12,22 +12,33 @@ Choice of codes
     impairment" is an accepted synonym of that concept and the term
     radiologists use, so it is the code meaning here.
 ``CN``
-    SNOMED CT 17621005 |Normal (qualifier value)|, taken from pydicom's
-    dictionary (``codes.SCT.Normal``).  It is the concept DICOM itself uses for
-    a normal result (CIDs 222, 242, 3119, 7151 ...).  SNOMED CT has no
-    unambiguous, widely published "cognitively normal" finding that we could
-    verify offline; the DICOM "No abnormality" code (DCM 111286) belongs to the
-    mammography context groups.  In the report the class is always shown next
-    to the class label "CN (cognitively normal)" and the concept name
-    "Finding", so a reader does not mistake it for "normal MRI".
+    ``(CN, 99ADNODE, "Cognitively normal")``: a code of the node's own coding
+    scheme, declared in every SR's Coding Scheme Identification Sequence
+    (0008,0110) of the SOP Common module (:func:`coding_scheme_identification`;
+    a private or local designator begins with "99", PS3.3 section 8.2).  The class means "cognitively
+    normal" (neither MCI nor AD), and the PDF says so; SNOMED CT 17621005
+    |Normal (qualifier value)|, used before, is a qualifier ("normal" of
+    anything) and read "Normal" in an SR viewer.  The standard candidate found
+    offline is SNOMED CT 449888003 "Normal cognition", named in one FHIR
+    implementation guide (the Danish clinical quality registries' KIP
+    infrastructure, code system CognitiveFunctionFinding for the dementia
+    registry DANDEM) and in an ADNI-to-SNOMED mapping; neither is a SNOMED CT
+    release, and its fully specified name and status could not be checked
+    offline, so it is not asserted here.  When it can be checked against a
+    SNOMED CT release, replacing :data:`COGNITIVELY_NORMAL` with it (and
+    keeping the local code in :data:`EARLIER_CLASS_CONCEPTS`) is the whole change.
 ``Qualitative Evaluations``
-    UMLS C0034375, the container of TID 1500 row 10 that holds CODE and TEXT
+    UMLS C0034375, the container of TID 1500 row 12 that holds CODE and TEXT
     evaluations of the whole report (DICOM PS3.16 TID 1500).
+
+:func:`class_for_concept` also reads the codes of reports written earlier
+(:data:`EARLIER_CLASS_CONCEPTS`), so a superseded report still reads back.
 """
 
 from __future__ import annotations
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 
 #: SNOMED CT 26929004 |Alzheimer's disease (disorder)|.
@@ -45,8 +56,21 @@ MILD_COGNITIVE_IMPAIRMENT = hd.sr.CodedConcept(
     meaning="Mild cognitive impairment",
 )
 
-#: SNOMED CT 17621005 |Normal (qualifier value)|, from pydicom's dictionary.
-COGNITIVELY_NORMAL = hd.sr.CodedConcept.from_code(codes.SCT.Normal)
+#: Designator of the node's own coding scheme (a private designator begins with "99").
+LOCAL_SCHEME_DESIGNATOR = "99ADNODE"
+
+#: Name of the node's own coding scheme (Coding Scheme Name, LO).
+LOCAL_SCHEME_NAME = "dicom-node AD/MCI/CN result codes"
+
+#: Who defines the node's own codes (Coding Scheme Responsible Organization, ST).
+LOCAL_SCHEME_ORGANIZATION = "Brain-Adapter Node Project"
+
+#: (CN, 99ADNODE, "Cognitively normal"): the CN class, a code of the node's own scheme.
+COGNITIVELY_NORMAL = hd.sr.CodedConcept(
+    value="CN",
+    scheme_designator=LOCAL_SCHEME_DESIGNATOR,
+    meaning="Cognitively normal",
+)
 
 #: UMLS C0034375 "Qualitative Evaluations" (TID 1500 row 10 container).
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
@@ -62,12 +86,34 @@ CLASS_CONCEPTS: dict[str, hd.sr.CodedConcept] = {
     "CN": COGNITIVELY_NORMAL,
 }
 
+#: Codes of the classes in reports written by earlier versions of the node (read back, never written).
+EARLIER_CLASS_CONCEPTS: dict[str, tuple[hd.sr.CodedConcept, ...]] = {
+    "CN": (hd.sr.CodedConcept.from_code(codes.SCT.Normal),),  # SNOMED CT 17621005 |Normal (qualifier value)|
+}
+
 #: Plain-language label of each class for text items and the PDF.
 CLASS_LABELS: dict[str, str] = {
     "AD": "AD (Alzheimer's disease)",
     "MCI": "MCI (mild cognitive impairment)",
     "CN": "CN (cognitively normal)",
 }
+
+def coding_scheme_identification() -> list[CodingSchemeIdentificationItem]:
+    """The Coding Scheme Identification Sequence items an SR with the node's own codes carries.
+
+    Returns
+    -------
+    list[highdicom.coding_schemes.CodingSchemeIdentificationItem]
+        One item: designator, name and responsible organization of the node's scheme.
+    """
+    # No Coding Scheme Registry (a local scheme is registered nowhere) and no Coding Scheme UID (Type 1C, only
+    # for a scheme identified by an OID; the designator identifies this one).
+    return [CodingSchemeIdentificationItem(
+        designator=LOCAL_SCHEME_DESIGNATOR,
+        name=LOCAL_SCHEME_NAME,
+        responsible_organization=LOCAL_SCHEME_ORGANIZATION,
+    )]
+
 
 def class_for_concept(concept: hd.sr.CodedConcept) -> str:
     """Return the class label (``"AD"``, ``"MCI"``, ``"CN"``) of a coded value.
@@ -88,6 +134,6 @@ def class_for_concept(concept: hd.sr.CodedConcept) -> str:
         If the concept is none of the class concepts.
     """
     for label, known in CLASS_CONCEPTS.items():
-        if known == concept:
+        if known == concept or concept in EARLIER_CLASS_CONCEPTS.get(label, ()):
             return label
     raise KeyError(f"{concept.scheme_designator} {concept.value} is no class concept")

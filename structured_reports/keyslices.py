@@ -1,6 +1,10 @@
 """Key slices of the PDF report: the registered brain with the template's outline.
 
-Image maths on :mod:`pipeline.preprocess`'s (D, H, W) reversed-LPS convention, turned into radiological views.
+Image maths on :mod:`pipeline.preprocess`'s (D, H, W) reversed-LPS convention, turned into radiological views:
+``D`` grows towards superior, ``H`` towards posterior, ``W`` towards the patient's **left** (index 0 is the
+patient's right).  So an axial slice ``volume[d]`` shows anterior at the top and the patient's right on the
+viewer's left; the coronal slice has the same left-right; the sagittal slice shows anterior on the left.  Each
+slice carries these directions (:attr:`~structured_reports.types.KeySlice.orientation`), drawn as markers.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from numpy.typing import NDArray
 from core.errors import NodeError
 from structured_reports.types import KeySlice
 
-#: Key slices of the PDF: (axis of the DHW volume, MNI coordinate in mm, caption).
-KEY_SLICE_PLANES: tuple[tuple[int, float, str], ...] = (
-    (0, 8.0, "Axial, z = 8 mm (MNI)"),
-    (1, -22.0, "Coronal, y = -22 mm (hippocampi)"),
-    (2, -28.0, "Sagittal, x = -28 mm (left hippocampus)"),
+#: Key slices of the PDF: (axis of the DHW volume, MNI coordinate in mm, caption, patient directions at the
+#: viewer's left, right, top and bottom).
+KEY_SLICE_PLANES: tuple[tuple[int, float, str, tuple[str, str, str, str]], ...] = (
+    (0, 8.0, "Axial, z = 8 mm (MNI)", ("R", "L", "A", "P")),
+    (1, -22.0, "Coronal, y = -22 mm (hippocampi)", ("R", "L", "S", "I")),
+    (2, -28.0, "Sagittal, x = -28 mm (left hippocampus)", ("A", "P", "S", "I")),
 )
 
 
@@ -49,7 +54,7 @@ def key_slices(registered: NDArray[np.float32], template_path: Path) -> list[Key
     -------
     list[KeySlice]
         Slices oriented the radiological way (superior/anterior up, patient's right on the left),
-        intensities scaled to [0, 1], each with the template brain as outline.
+        intensities scaled to [0, 1], each with the template brain as outline and its orientation markers.
 
     Raises
     ------
@@ -65,7 +70,7 @@ def key_slices(registered: NDArray[np.float32], template_path: Path) -> list[Key
     scaled = np.clip(registered / top, 0.0, 1.0) if top > 0 else np.zeros_like(registered)
     ras_to_dhw = np.linalg.inv(affine)
     slices = []
-    for axis, mm, title in KEY_SLICE_PLANES:
+    for axis, mm, title, orientation in KEY_SLICE_PLANES:
         point = np.zeros(4)
         point[3] = 1.0
         point[{0: 2, 1: 1, 2: 0}[axis]] = mm  # DHW axis 0 is z, 1 is y, 2 is x
@@ -76,6 +81,6 @@ def key_slices(registered: NDArray[np.float32], template_path: Path) -> list[Key
         if axis != 0:  # coronal/sagittal: D grows superior, show superior at the top
             image, outline = image[::-1], outline[::-1]
         slices.append(KeySlice(image=np.ascontiguousarray(image, dtype=np.float32),
-                               outline=np.ascontiguousarray(outline), title=title))
+                               outline=np.ascontiguousarray(outline), title=title, orientation=orientation))
     return slices
 

@@ -1,8 +1,13 @@
 """Human-readable fallback: an Encapsulated PDF (Modality DOC) in the same study.
 
 Many PACS show only images and PDFs, so next to the SR the node can send a
-one-page PDF with the result, a probability bar chart, optional key slices,
-the inputs used, model and preprocessing versions and the disclaimer.
+one-page PDF (laid out by :func:`compose_page`): the warnings in a framed banner
+as large and bold as the result, the patient with sex and age at the study, the
+result and a probability bar chart (or why there is none, what was received and
+what the node needs), optional key slices drawn at one size with orientation
+markers, the image quality checks with their limits, the inputs used, model and
+preprocessing versions.  Text is wrapped at spaces only, so a UID or a run id is
+never split.
 
 highdicom has no Encapsulated PDF IOD; the object is built on
 :class:`highdicom.SOPClass` (Patient, General Study, Patient Study, General
@@ -23,7 +28,6 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
@@ -31,8 +35,31 @@ from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 from model.types import CLASSES
 from structured_reports.charset import report_character_set
 from structured_reports.concepts import CLASS_LABELS
-from structured_reports.sr import DEMONSTRATION_TEXT, NOT_ANALYSED_PREFIX, check_report_input
-from structured_reports.texts import notes_text, summary_text, supersedes_text, versions_text
+from structured_reports.page import (  # draw_key_slice: also named from here (``dicom-node check``)
+    A4_INCHES,
+    MARGIN,
+    RESULT_FONT,
+    TEXT_WIDTH,
+    WARNING_COLOUR,
+    Page,
+    draw_key_slice,
+    square_side,
+)
+from structured_reports.sr import check_report_input
+from structured_reports.texts import (
+    NOT_ANALYSED_PREFIX,
+    age_at_study,
+    analysed_series_label,
+    notes_text,
+    qc_value_text,
+    requirement_text,
+    series_labels,
+    sex_text,
+    summary_text,
+    supersedes_text,
+    versions_text,
+    warning_texts,
+)
 from structured_reports.types import DISCLAIMER, KeySlice, ReportError, ReportInput
 
 logger = logging.getLogger(__name__)
@@ -43,18 +70,126 @@ PDF_SERIES_DESCRIPTION = "AI result AD/MCI/CN report (PDF, research use only)"
 #: Document title shown by viewers (ST).
 PDF_DOCUMENT_TITLE = "Brain MRI AI result: AD / MCI / CN (research use only)"
 
+#: Title printed on the page.
+PAGE_TITLE = "Brain MRI: AI classification AD / MCI / CN"
+
 #: At most this many key slices are drawn.
 MAX_KEY_SLICES = 3
+
+#: At most this many received series are listed on a "not analysed" page (the rest are counted).
+MAX_SERIES_LINES = 20
 
 #: Caption under key slices that carry an outline.
 OUTLINE_CAPTION = (
     "Registered brain (grey) with the outline of the template brain (yellow): "
-    "the outline should follow the brain's edge."
+    "the outline should follow the brain's edge. R/L: patient's right/left; A/P: anterior/posterior; "
+    "S/I: superior/inferior."
 )
 
-_OUTLINE_COLOUR = "#ffd700"
-_A4_INCHES = (8.27, 11.69)
 _BAR_COLOURS = {"AD": "#b2182b", "MCI": "#ef8a62", "CN": "#4393c3"}
+def compose_page(
+    sources: Sequence[Dataset],
+    report: ReportInput,
+    *,
+    key_slices: Sequence[KeySlice | npt.ArrayLike] | None = None,
+    predecessor: Dataset | None = None,
+    content_datetime: datetime.datetime | None = None,
+) -> Figure:
+    """Lay out the one-page report as a matplotlib figure (see :func:`render_pdf`).
+
+    From the top: the warnings in a framed banner, as large and bold as the result; title; patient
+    (name, ID, birth date, sex, age at the study), study and series; the result with its probabilities
+    (or "Not analysed: <reason>", what was received and what the node needs); the key slices, all
+    drawn at one size with their orientation markers; the image quality checks with their limits; the
+    inputs and versions.
+    """
+    first = sources[0]
+    when = content_datetime or datetime.datetime.now()
+    fig = Figure(figsize=A4_INCHES)
+    page = Page(fig)
+    page.banner(warning_texts(report))
+    page.text(PAGE_TITLE, fontsize=15.0, fontweight="bold", after=0.12)
+    header = [
+        f"Patient: {_person(first.get('PatientName'))}    ID: {first.get('PatientID', '')}",
+        f"Birth date: {_date(first.get('PatientBirthDate'))}    Sex: {sex_text(first)}    "
+        f"Age at study: {age_at_study(first)}",
+        f"Study date: {_date(first.get('StudyDate'))}    Accession: {first.get('AccessionNumber', '')}    "
+        f"Report time: {when:%Y-%m-%d %H:%M}",
+    ]
+    if report.prediction is not None:
+        header.append(f"Series analysed: {analysed_series_label(sources)}")
+    page.text("\n".join(header), fontsize=9.0, linespacing=1.45, after=0.2)
+
+    if report.prediction is not None:
+        _result(page, report)
+    elif report.not_analysed is not None:
+        _not_analysed(page, report, sources)
+
+    slices = [_as_key_slice(item, index) for index, item in enumerate(list(key_slices or [])[:MAX_KEY_SLICES])]
+    if slices:
+        _key_slice_row(page, slices)
+    if report.prediction is not None and report.qc:
+        verdict = "all within their limits" if all(c.ok for c in report.qc) else "NOT ALL WITHIN THEIR LIMITS"
+        page.heading(f"Image quality checks ({verdict})")
+        page.text("\n".join(_capital(qc_value_text(c)) for c in report.qc), fontsize=8.5, after=0.15)
+
+    lines = [notes_text(report), versions_text(report)]
+    if predecessor is not None:
+        lines.append(supersedes_text(predecessor))
+    page.heading("Inputs and provenance")
+    page.text("\n".join(lines), fontsize=8.5, linespacing=1.5)
+    fig.text(MARGIN / A4_INCHES[0], 0.03, "\n".join(Page.lines(DISCLAIMER, 8.0)), fontsize=8.0,
+             color=WARNING_COLOUR, va="bottom")
+    return fig
+
+
+def _result(page: Page, report: ReportInput) -> None:
+    """The summary (in :data:`RESULT_FONT`) and the probability chart."""
+    prediction = report.prediction
+    if prediction is None:
+        return
+    page.text(summary_text(report).replace(" Probabilities:", "\nProbabilities:"), after=0.12,
+              linespacing=1.3, **RESULT_FONT)
+    axes = page.axes(MARGIN + 2.0, TEXT_WIDTH - 2.3, 1.25)
+    page.y += 0.45  # the x label below the chart
+    values = [float(prediction.probabilities[c]) for c in CLASSES]
+    bars = axes.barh([CLASS_LABELS[c] for c in CLASSES], values, color=[_BAR_COLOURS[c] for c in CLASSES])
+    axes.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=3, fontsize=9)
+    axes.set_xlim(0.0, 1.0)
+    axes.invert_yaxis()
+    axes.set_xlabel("Model probability")
+    axes.tick_params(labelsize=9)
+
+
+def _not_analysed(page: Page, report: ReportInput, sources: Sequence[Dataset]) -> None:
+    """Why there is no result (in :data:`RESULT_FONT`), what was received, what the node needs."""
+    if report.not_analysed is None:
+        return
+    page.text(NOT_ANALYSED_PREFIX + report.not_analysed[1], after=0.2, linespacing=1.3, **RESULT_FONT)
+    labels = series_labels(sources)
+    shown = [f"Series {label}" for label in labels[:MAX_SERIES_LINES]]
+    if len(labels) > MAX_SERIES_LINES:
+        shown.append(f"... and {len(labels) - MAX_SERIES_LINES} more series")
+    page.heading("What was received")
+    page.text("\n".join(shown), fontsize=9.0, after=0.15)
+    needed = requirement_text(report)
+    if needed:
+        page.heading("What the node needs")
+        page.text(needed, fontsize=9.0, after=0.15)
+
+
+def _key_slice_row(page: Page, slices: Sequence[KeySlice]) -> None:
+    """The key slices side by side, each as a square of one size, one pixel scale for all."""
+    gap = 0.2
+    side_in = (TEXT_WIDTH - gap * (MAX_KEY_SLICES - 1)) / MAX_KEY_SLICES
+    side = square_side(max(max(key.image.shape) for key in slices))
+    top = page.y + 0.22  # room for the titles
+    for index, key in enumerate(slices):
+        page.y = top
+        draw_key_slice(page.axes(MARGIN + index * (side_in + gap), side_in, side_in), key, side=side)
+    page.y += 0.06
+    if any(key.outline is not None for key in slices):
+        page.text(OUTLINE_CAPTION, fontsize=7.5, color="#555555", after=0.15)
 
 
 def render_pdf(
@@ -70,13 +205,13 @@ def render_pdf(
     Parameters
     ----------
     sources : Sequence[pydicom.Dataset]
-        Instances of the analysed series (headers); the first names patient,
-        study and series on the page.
+        Instances of the analysed series (headers), or everything received for a study that was not
+        analysed; the first names patient and study on the page.
     report : ReportInput
         The run's result and provenance.
     key_slices : Sequence of KeySlice or 2-D arrays, or None, optional
         Slices to show (at most :data:`MAX_KEY_SLICES`), each with an
-        optional outline drawn over it and a caption.
+        optional outline drawn over it, a caption and orientation markers.
     predecessor : pydicom.Dataset or None, optional
         An earlier report this one supersedes.
     content_datetime : datetime.datetime or None, optional
@@ -88,56 +223,8 @@ def render_pdf(
         A PDF document (no creation date in its metadata, so a replay with the
         same inputs gives the same bytes).
     """
-    first = sources[0]
-    when = content_datetime or datetime.datetime.now()
-    fig = Figure(figsize=_A4_INCHES)
-    fig.text(0.06, 0.955, "Brain MRI: AI classification AD / MCI / CN",
-             fontsize=16, weight="bold")
-    fig.text(0.06, 0.935, DISCLAIMER, fontsize=8, color="#b2182b", wrap=True)
-    header = [
-        f"Patient: {_person(first.get('PatientName'))}    ID: {first.get('PatientID', '')}    "
-        f"Birth date: {_date(first.get('PatientBirthDate'))}",
-        f"Study date: {_date(first.get('StudyDate'))}    Accession: {first.get('AccessionNumber', '')}",
-        f"Series analysed: {first.get('SeriesNumber', '')} {first.get('SeriesDescription', '')}"
-        f" ({len(sources)} instances)",
-        f"Report time: {when:%Y-%m-%d %H:%M}",
-    ]
-    fig.text(0.06, 0.90, "\n".join(header), fontsize=9, va="top", linespacing=1.5)
-
-    prediction = report.prediction
-    if prediction is not None:
-        fig.text(0.06, 0.815, summary_text(report).replace(" Probabilities:", "\nProbabilities:"),
-                 fontsize=11, weight="bold", va="top", linespacing=1.4)
-        axes = fig.add_axes((0.34, 0.60, 0.56, 0.16))
-        values = [float(prediction.probabilities[c]) for c in CLASSES]
-        bars = axes.barh(
-            [CLASS_LABELS[c] for c in CLASSES], values, color=[_BAR_COLOURS[c] for c in CLASSES]
-        )
-        axes.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=3, fontsize=9)
-        axes.set_xlim(0.0, 1.0)
-        axes.invert_yaxis()
-        axes.set_xlabel("Model probability")
-        axes.tick_params(labelsize=9)
-    elif report.not_analysed is not None:
-        fig.text(0.06, 0.815, NOT_ANALYSED_PREFIX + report.not_analysed[1],  # top-aligned: wrapped lines go down
-                 fontsize=12, weight="bold", va="top", linespacing=1.4, wrap=True)
-
-    slices = [_as_key_slice(item, index) for index, item in enumerate(list(key_slices or [])[:MAX_KEY_SLICES])]
-    for index, key in enumerate(slices):
-        draw_key_slice(fig.add_axes((0.06 + index * 0.30, 0.33, 0.27, 0.22)), key)
-    if any(key.outline is not None for key in slices):
-        fig.text(0.06, 0.312, OUTLINE_CAPTION, fontsize=7.5, color="#555555")
-
-    lines = [notes_text(report), versions_text(report)]
-    if report.model.demonstration:
-        lines.append(DEMONSTRATION_TEXT)
-    if predecessor is not None:
-        lines.append(supersedes_text(predecessor))
-    text_top = 0.285 if slices else 0.52
-    fig.text(0.06, text_top, "Inputs and provenance", fontsize=11, weight="bold")
-    fig.text(0.06, text_top - 0.02, "\n\n".join(lines), fontsize=8.5, va="top", wrap=True)
-    fig.text(0.06, 0.04, DISCLAIMER, fontsize=8, color="#b2182b", wrap=True)
-
+    fig = compose_page(sources, report, key_slices=key_slices, predecessor=predecessor,
+                       content_datetime=content_datetime)
     buffer = BytesIO()
     fig.savefig(buffer, format="pdf", metadata={"CreationDate": None, "Title": PDF_DOCUMENT_TITLE})
     return buffer.getvalue()
@@ -246,23 +333,6 @@ def build_pdf(
     return ds
 
 
-def draw_key_slice(axes: Axes, key: KeySlice) -> None:
-    """Draw one key slice as the PDF page shows it: grey image, outline in yellow, title.
-
-    Parameters
-    ----------
-    axes : matplotlib.axes.Axes
-        Empty axes to draw into (their frame and ticks are switched off).
-    key : KeySlice
-        The slice; its outline is drawn when it is neither empty nor everywhere.
-    """
-    axes.imshow(key.image, cmap="gray", interpolation="nearest")
-    if key.outline is not None and key.outline.any() and not key.outline.all():
-        axes.contour(key.outline.astype(float), levels=[0.5], colors=[_OUTLINE_COLOUR], linewidths=0.8)
-    axes.set_axis_off()
-    axes.set_title(key.title, fontsize=8)
-
-
 def _as_key_slice(item: KeySlice | npt.ArrayLike, index: int) -> KeySlice:
     """A :class:`KeySlice` from a KeySlice or a bare 2-D array."""
     if isinstance(item, KeySlice):
@@ -270,7 +340,8 @@ def _as_key_slice(item: KeySlice | npt.ArrayLike, index: int) -> KeySlice:
         outline = None if item.outline is None else np.asarray(item.outline, dtype=bool)
         if outline is not None and outline.shape != image.shape:
             raise ReportError(f"key slice outline {outline.shape} does not match image {image.shape}")
-        return KeySlice(image=image, outline=outline, title=item.title or f"Key slice {index + 1}")
+        return KeySlice(image=image, outline=outline, title=item.title or f"Key slice {index + 1}",
+                        orientation=item.orientation)
     return KeySlice(image=np.asarray(item, dtype=float), title=f"Key slice {index + 1}")
 
 
@@ -280,6 +351,11 @@ def _reference(instance: Dataset) -> Dataset:
     item.ReferencedSOPClassUID = instance.SOPClassUID
     item.ReferencedSOPInstanceUID = instance.SOPInstanceUID
     return item
+
+
+def _capital(text: str) -> str:
+    """*text* with its first letter in upper case (the rest unchanged: "WM/GM ratio")."""
+    return text[:1].upper() + text[1:]
 
 
 def _person(value: object) -> str:

@@ -3,19 +3,29 @@
 Layout of the content tree (DICOM PS3.16)::
 
     CONTAINER Imaging Measurement Report (TID 1500)
-      HAS CONCEPT MOD  Language of Content Item and Descendants = English
-      HAS OBS CONTEXT  Observer Type = Device, Device Observer UID/Name/... (TID 1002/1004)
-      HAS CONCEPT MOD  Procedure reported = Brain MRI
-      CONTAINS CONTAINER Imaging Measurements
+      HAS CONCEPT MOD  Language of Content Item and Descendants = English       (row 2)
+      HAS OBS CONTEXT  Observer Type = Device, Device Observer UID, Name        (row 3: TID 1001/1002/1004)
+      HAS CONCEPT MOD  Procedure reported = Brain MRI                           (row 4)
+      CONTAINS CONTAINER Imaging Measurements                                   (row 6)
         CONTAINS CONTAINER Measurement Group (TID 1501)
           HAS OBS CONTEXT Tracking Identifier / Tracking Unique Identifier
           HAS CONCEPT MOD Finding Site = Brain
-          HAS CONCEPT MOD Algorithm Name/Version/Parameters (TID 4019)
+          HAS CONCEPT MOD Algorithm Name/Version/Parameters (TID 4019; analysed only)
           CONTAINS NUM Probability = p (UCUM "1"), HAS CONCEPT MOD Finding = <class>  (x3)
           CONTAINS CODE Impression = <predicted class>                             (TID 1501 qualitative evaluation)
           CONTAINS IMAGE Source of Measurement              (one representative image of the analysed series)
-      CONTAINS CONTAINER Qualitative Evaluations (TID 1500 row 10)
-        CONTAINS TEXT Summary / Impression ("Not analysed: ...") / Clinical Information / Comment ...
+      CONTAINS CONTAINER Qualitative Evaluations                                (row 12)
+        CONTAINS TEXT Comment = demonstration model / research use only warnings   (first)
+        CONTAINS TEXT Summary, or Impression = "Not analysed: ..."
+        CONTAINS TEXT Comment / Clinical Information ... (series, QC or what the node needs, notes, versions)
+
+TID 1500's rows come in a fixed order (language, observation context, procedure,
+measurements, then the qualitative evaluations), so the sentences a reader reads
+first can only open the Qualitative Evaluations container: the warnings, then the
+summary.  What precedes them is kept short: the device observer is named by UID
+and name only (TID 1004's other rows are optional and are in the Contributing
+Equipment Sequence), and TID 4019 lists four parameters: preset, preprocessing
+version, weights SHA-256 and, for a demonstration model, ``demonstration_model=true``.
 
 The SR goes into the study of the source instances, with their patient and
 study modules, every source instance in the evidence, the node and the
@@ -42,15 +52,22 @@ from structured_reports.charset import report_character_set
 from structured_reports.concepts import (
     CLASS_CONCEPTS,
     QUALITATIVE_EVALUATIONS,
+    coding_scheme_identification,
 )
-from structured_reports.texts import (
+from structured_reports.texts import (  # DEMONSTRATION_TEXT, NOT_ANALYSED_PREFIX: also named from here
+    DEMONSTRATION_TEXT,  # noqa: F401
+    NOT_ANALYSED_PREFIX,
     analysed_series_text,
     notes_text,
+    qc_text,
+    received_text,
+    requirement_text,
     summary_text,
     supersedes_text,
     versions_text,
+    warning_texts,
 )
-from structured_reports.types import DISCLAIMER, ReportError, ReportInput
+from structured_reports.types import ReportError, ReportInput
 from structured_reports.uids import UidKind, derive_uid
 
 logger = logging.getLogger(__name__)
@@ -62,11 +79,8 @@ FINDING_NAME = codes.DCM.Impression
 #: Concept name of the class a probability belongs to (a modifier of the NUM).
 PROBABILITY_CLASS_NAME = codes.DCM.Finding
 
-#: Text shown when the model is a demonstration model.
-DEMONSTRATION_TEXT = "Demonstration model, not for clinical use."
-
-#: Prefix of the finding when the study was not analysed.
-NOT_ANALYSED_PREFIX = "Not analysed: "
+#: The model parameters (``ModelInfo.parameters`` keys) named in TID 4019; the others stay in the model's manifest.
+REPORTED_PARAMETERS = ("preset",)
 
 #: Series description of the SR series (at most 64 characters, LO).
 SR_SERIES_DESCRIPTION = "AI result AD/MCI/CN (research use only)"
@@ -142,16 +156,13 @@ def build_sr(
             report.model.weights_sha256,
             UidKind.TRACKING,
         )
-    algorithm = _algorithm_identification(report)
+    algorithm = _algorithm_identification(report) if report.prediction is not None else None
     group = _measurement_group(sources, report, algorithm, tracking_uid)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=report.device.device_uid,
             name=report.device.name,
-            manufacturer_name=report.device.manufacturer,
-            model_name=report.device.model_name,
-            serial_number=report.device.serial_number,
         ),
     )
     measurement_report = hd.sr.MeasurementReport(
@@ -185,6 +196,7 @@ def build_sr(
         device_serial_number=report.device.serial_number,
         content_date=when.date(),
         content_time=when.time(),
+        coding_schemes=coding_scheme_identification(),
     )
     logger.info(
         "built SR %s in series %s for study %s (run %s, %s)",
@@ -296,40 +308,60 @@ def check_report_input(sources: Sequence[pydicom.Dataset], report: ReportInput) 
         )
 
 
-def _algorithm_identification(report: ReportInput) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 for the model, including preprocessing version and weights hash."""
-    parameters = [f"{key}={value}" for key, value in sorted(report.model.parameters.items())]
+def algorithm_parameters(report: ReportInput) -> list[str]:
+    """The TID 4019 parameters a reader needs: preset, preprocessing version, weights hash, demonstration flag.
+
+    Parameters
+    ----------
+    report : ReportInput
+        The report input (its model's other parameters are left out: the weights hash names the checkpoint).
+
+    Returns
+    -------
+    list[str]
+        ``key=value`` strings.
+    """
+    parameters = [f"{key}={report.model.parameters[key]}" for key in REPORTED_PARAMETERS
+                  if key in report.model.parameters]
     parameters.append(f"preprocessing_version={report.preprocessing_version}")
     parameters.append(f"weights_sha256={report.model.weights_sha256}")
     if report.model.demonstration:
         parameters.append("demonstration_model=true")
+    return parameters
+
+
+def _algorithm_identification(report: ReportInput) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 for the model that ran: name, version and :func:`algorithm_parameters`."""
     return hd.sr.AlgorithmIdentification(
         name=report.model.name,
         version=report.model.version,
-        parameters=parameters,
-        manufacturer=report.device.manufacturer,
+        parameters=algorithm_parameters(report),
     )
 
 
 def _measurement_group(
     sources: Sequence[pydicom.Dataset],
     report: ReportInput,
-    algorithm: hd.sr.AlgorithmIdentification,
+    algorithm: hd.sr.AlgorithmIdentification | None,
     tracking_uid: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The TID 1501 group on the analysed series (finding and probabilities)."""
+    """The TID 1501 group on the analysed series (finding and probabilities); a bare one when not analysed."""
     first = sources[0]
     series_number = first.get("SeriesNumber")
-    identifier = f"{report.model.name} AD/MCI/CN classification"
-    if series_number is not None and str(series_number) != "":
-        identifier += f", series {series_number}"
+    if report.prediction is None:
+        identifier = "AD/MCI/CN classification, not analysed"
+    else:
+        identifier = f"{report.model.name} AD/MCI/CN classification"
+        if series_number is not None and str(series_number) != "":
+            identifier += f", series {series_number}"
     tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier)
     finding_sites = [hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)]
     prediction = report.prediction
     if prediction is None:
-        # Not analysed: the group names what was looked at; the reason is in
-        # the text container.  No source images: what was received need not
-        # be images (the evidence still lists every instance).
+        # Not analysed: the group says so; the reason, what was received and
+        # what the node needs are in the text container.  No algorithm (no
+        # model ran) and no source images: what was received need not be
+        # images (the evidence still lists every instance).
         return hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             algorithm_id=algorithm,
@@ -411,22 +443,28 @@ def _text(name: hd.sr.CodedConcept | Code, value: str) -> hd.sr.TextContentItem:
 def _text_container(
     sources: Sequence[pydicom.Dataset], report: ReportInput, predecessor: pydicom.Dataset | None
 ) -> hd.sr.ContainerContentItem:
-    """The items a radiologist reads, in the TID 1500 Qualitative Evaluations container."""
-    items: list[hd.sr.TextContentItem] = []
+    """The items a radiologist reads, in the TID 1500 Qualitative Evaluations container.
+
+    The warnings first, then the result (or why there is none), then the inputs and the provenance.
+    """
+    items = [_text(codes.DCM.Comment, warning) for warning in warning_texts(report)]
     prediction = report.prediction
     if prediction is not None:
         items.append(_text(codes.DCM.Summary, summary_text(report)))
         items.append(_text(codes.DCM.Comment, analysed_series_text(sources)))
+        if report.qc:
+            items.append(_text(codes.DCM.Comment, qc_text(report)))
     elif report.not_analysed is not None:
         _, reason = report.not_analysed
         items.append(_text(FINDING_NAME, NOT_ANALYSED_PREFIX + reason))
+        items.append(_text(codes.DCM.Comment, received_text(sources)))
+        needed = requirement_text(report)
+        if needed:
+            items.append(_text(codes.DCM.Comment, needed))
     items.append(_text(codes.LN.ClinicalInformation, notes_text(report)))
     items.append(_text(codes.DCM.Comment, versions_text(report)))
-    if report.model.demonstration:
-        items.append(_text(codes.DCM.Comment, DEMONSTRATION_TEXT))
     if predecessor is not None:
         items.append(_text(codes.DCM.Comment, supersedes_text(predecessor)))
-    items.append(_text(codes.DCM.Comment, DISCLAIMER))
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS,
         relationship_type=RelationshipTypeValues.CONTAINS,
@@ -453,6 +491,8 @@ def _contributing_equipment(
         contribution_datetime=when,
         contribution_description="DICOM node that ran the analysis and wrote this report",
     )
+    if report.prediction is None:
+        return [node]  # no model ran
     algorithm = hd.ContributingEquipment(
         manufacturer=report.device.manufacturer[:LO_MAX],
         purpose_of_reference=codes.DCM.ProcessingEquipment,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -10,6 +11,8 @@ from numpy.typing import NDArray
 
 from core.errors import NodeError, Outcome
 from model.types import ModelInfo, Prediction
+from pipeline.preprocess import PreprocessConfig, QCCheck
+from pipeline.select import SelectionRules
 
 DISCLAIMER = (
     "For research use only. Not a medical device; not for clinical diagnosis. "
@@ -46,11 +49,16 @@ class KeySlice:
         template's brain, to show that the registration was sound).
     title : str
         Caption above the image.
+    orientation : tuple of 4 str, or None
+        The patient directions at the viewer's left, right, top and bottom edge of ``image``
+        (``("R", "L", "A", "P")`` for an axial slice shown the radiological way), drawn as
+        markers on the image; None: no markers.
     """
 
     image: NDArray[np.float32]
     outline: NDArray[np.bool_] | None = None
     title: str = ""
+    orientation: tuple[str, str, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,75 @@ class NotesUsed:
 
 
 @dataclass(frozen=True)
+class SeriesRequirement:
+    """What series the node can analyse, as a "not analysed" report tells the radiologist.
+
+    Parameters
+    ----------
+    min_slices : int
+        Fewest slices (images of the series, and voxels along every axis of its volume).
+    max_slice_thickness_mm : float
+        Thickest slices (and largest voxel edge).
+    """
+
+    min_slices: int = PreprocessConfig.min_slices
+    max_slice_thickness_mm: float = PreprocessConfig.max_slice_thickness_mm
+
+    @classmethod
+    def from_config(cls, rules: SelectionRules | None, config: PreprocessConfig) -> SeriesRequirement:
+        """The stricter of the series-selection rules and the preprocessing QC limits.
+
+        Parameters
+        ----------
+        rules : SelectionRules or None
+            The configured selection rules: a ``[[require]]`` rule with a ``range`` on ``@images``
+            raises the slice count, one on ``SliceThickness`` lowers the thickness.
+        config : PreprocessConfig
+            ``min_slices`` and ``max_slice_thickness_mm``.
+
+        Returns
+        -------
+        SeriesRequirement
+            What a series must have to pass both.
+        """
+        slices, thickness = float(config.min_slices), float(config.max_slice_thickness_mm)
+        for rule in rules.requirements if rules is not None else ():
+            if rule.range is None:
+                continue
+            low, high = rule.range
+            if "@images" in rule.attributes and math.isfinite(low):
+                slices = max(slices, low)
+            if "SliceThickness" in rule.attributes and math.isfinite(high):
+                thickness = min(thickness, high)
+        return cls(min_slices=math.ceil(slices), max_slice_thickness_mm=thickness)
+
+
+@dataclass(frozen=True)
 class ReportInput:
     """Everything a report needs besides the source instances.
 
     Exactly one of ``prediction`` and ``not_analysed`` is set.
+
+    Parameters
+    ----------
+    run_id : str
+        The run (named on every report).
+    device : DeviceInfo
+        The node.
+    model : ModelInfo
+        The model the node serves (named only when it ran).
+    preprocessing_version : str
+        Version of the preprocessing that made the model's input.
+    notes : NotesUsed
+        Clinical notes the model read.
+    prediction : Prediction or None
+        The result.
+    not_analysed : tuple of (Outcome, str), or None
+        Why there is no result, in plain words.
+    qc : tuple of QCCheck
+        The preprocessing's QC values with their limits (:func:`pipeline.preprocess.qc_checks`).
+    requirement : SeriesRequirement
+        What series the node can analyse (said when a study was not analysed).
     """
 
     run_id: str
@@ -79,3 +152,5 @@ class ReportInput:
     notes: NotesUsed = field(default_factory=NotesUsed)
     prediction: Prediction | None = None
     not_analysed: tuple[Outcome, str] | None = None
+    qc: tuple[QCCheck, ...] = ()
+    requirement: SeriesRequirement = field(default_factory=SeriesRequirement)

@@ -93,13 +93,17 @@ _UID_KINDS: dict[str, tuple[UidKind, UidKind]] = {
 
 
 def run_identity(study_uid: str, chosen: str | None, input_hash: str, weights_sha256: str, *,
-                 outcome: str | None = None, notes: Sequence[Any] = ()) -> tuple[str, ...]:
+                 preprocessing: str | None = None, outcome: str | None = None,
+                 notes: Sequence[Any] = ()) -> tuple[str, ...]:
     """The parts every UID of a run is derived from.
 
     Parameters
     ----------
     study_uid, chosen, input_hash, weights_sha256 : str
         Study, analysed series (None: none selected), hash of the input and of the model weights.
+    preprocessing : str or None, optional
+        The preprocessing version the report names: another preprocessing gives another input to the
+        model, so another result.
     outcome : str or None, optional
         Outcome of a run that was not analysed: a refusal and a result on the same input must
         never share a UID.
@@ -112,6 +116,8 @@ def run_identity(study_uid: str, chosen: str | None, input_hash: str, weights_sh
         The identity (without the object kind).
     """
     identity = [study_uid, chosen or "no series selected", input_hash, weights_sha256]
+    if preprocessing is not None:
+        identity.append(f"preprocessing:{preprocessing}")
     if outcome is not None:
         identity.append(f"not-analysed:{outcome}")
     if notes:

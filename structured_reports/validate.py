@@ -18,6 +18,14 @@ Two external checkers are used, both read-only on a temporary copy:
 
 Messages can quote attribute values, so they are returned to the caller but
 never logged; the log gets counts and the SOP Instance UID only.
+
+One dciodvfy warning is known not to apply and is set aside (in
+:attr:`ValidationResult.accepted`, not :attr:`ValidationResult.warnings`):
+"Unrecognized defined term <99...> for ... <Coding Scheme Designator>" for a
+local coding scheme (designator beginning with "99", PS3.3 section 8.2) that
+the object declares in its Coding Scheme Identification Sequence.  dciodvfy
+knows only the standard designators and does not read that sequence; the
+check here does, so an undeclared local designator still warns.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 
 from core.errors import NodeError
 from structured_reports.types import ReportError
@@ -86,11 +95,45 @@ class ValidationResult:
         Findings that do not make the object invalid.
     ok : bool
         True when there is no error.
+    accepted : list[str]
+        dciodvfy warnings known not to apply (a declared local coding scheme), kept for the record.
     """
 
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     ok: bool = True
+    accepted: list[str] = field(default_factory=list)
+
+
+#: Prefix of local (private) Coding Scheme Designators (PS3.3 section 8.2).
+LOCAL_DESIGNATOR_PREFIX = "99"
+
+
+def declared_local_schemes(path: Path) -> set[str]:
+    """The local coding scheme designators a file declares in its Coding Scheme Identification Sequence.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A DICOM Part 10 file.
+
+    Returns
+    -------
+    set[str]
+        Designators beginning with "99"; empty when the file declares none or cannot be read.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["CodingSchemeIdentificationSequence"])
+    except (OSError, InvalidDicomError):
+        return set()
+    return {str(item.get("CodingSchemeDesignator", "")) for item in ds.get("CodingSchemeIdentificationSequence", [])
+            if str(item.get("CodingSchemeDesignator", "")).startswith(LOCAL_DESIGNATOR_PREFIX)}
+
+
+def _declared_scheme_warning(message: str, declared: set[str]) -> bool:
+    """Whether a dciodvfy warning is only its not knowing a declared local coding scheme."""
+    return any(message == f"Unrecognized defined term <{designator}> for value 1 of attribute "
+                          "<Coding Scheme Designator>" for designator in declared)
 
 
 def _find(program: str) -> str:
@@ -189,6 +232,8 @@ def validate_file(path: Path, *, is_sr: bool) -> ValidationResult:
     """
     errors: list[str] = []
     warnings: list[str] = []
+    accepted: list[str] = []
+    declared = declared_local_schemes(path)
     checks = [("dciodvfy", [_find(DCIODVFY), str(path)], lambda r: parse_dciodvfy(r.stdout + "\n" + r.stderr))]
     if is_sr:
         checks.append(("dsrdump", [_find(DSRDUMP), "--log-level", "warn", str(path)],
@@ -197,10 +242,12 @@ def validate_file(path: Path, *, is_sr: bool) -> ValidationResult:
         result = _run(command)
         errs, warns = parse(result)
         errors += [f"{tool}: {m}" for m in errs]
-        warnings += [f"{tool}: {m}" for m in warns]
+        for message in warns:
+            known = tool == "dciodvfy" and _declared_scheme_warning(message, declared)
+            (accepted if known else warnings).append(f"{tool}: {message}")
         if result.returncode != 0 and not errs:
             errors.append(f"{tool}: exit status {result.returncode} without message")
-    return ValidationResult(errors=errors, warnings=warnings, ok=not errors)
+    return ValidationResult(errors=errors, warnings=warnings, ok=not errors, accepted=accepted)
 
 
 def validate_dataset(ds: pydicom.Dataset, workdir: Path | None = None) -> ValidationResult:

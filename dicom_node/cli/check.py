@@ -65,16 +65,6 @@ DEFAULT_OUT = Path("check")
 #: Outcome of a study none of whose instances the node would accept (it would never get a run).
 NOT_RECEIVED = "not_received"
 
-#: QC values of :func:`pipeline.preprocess.preprocess`: key, label, PreprocessConfig limit, comparison, unit.
-QC_LIMITS: tuple[tuple[str, str, str, str, str], ...] = (
-    ("slices", "slices", "min_slices", ">=", ""),
-    ("slice_thickness_mm", "slice thickness", "max_slice_thickness_mm", "<=", " mm"),
-    ("correlation", "template correlation", "min_correlation", ">=", ""),
-    ("coverage", "brain coverage", "min_coverage", ">=", ""),
-    ("wm_gm_ratio", "WM/GM ratio", "min_wm_gm_ratio", ">=", ""),
-)
-
-
 class CheckUsageError(NodeError):
     """The command line names nothing to check (exit status 2)."""
 
@@ -401,7 +391,7 @@ def _convert_and_preprocess(study: StudyCheck, items: Sequence[Instance], config
         if not preprocess_volume:
             _geometry_qc(study, config, float(min(shape)), float(max(spacing)))
             return
-        from pipeline.preprocess import preprocess
+        from pipeline.preprocess import preprocess, qc_checks
 
         start = time.perf_counter()
         pre = preprocess(nifti, config)
@@ -409,8 +399,7 @@ def _convert_and_preprocess(study: StudyCheck, items: Sequence[Instance], config
     study.stage_seconds.update({f"preprocessing.{k}": round(v, 3) for k, v in pre.stage_seconds.items()})
     study.preprocessed = True
     study.qc_source = "preprocessing"
-    study.qc = [QCValue(key, label, float(pre.qc[key]), float(getattr(config, limit)), comparison, unit)
-                for key, label, limit, comparison, unit in QC_LIMITS if key in pre.qc]
+    study.qc = [QCValue(q.key, q.label, q.value, q.limit, q.comparison, q.unit) for q in qc_checks(pre.qc, config)]
     if pre.registered is None:
         study.png_error = "no registered volume (keep_registered is off)"
         return

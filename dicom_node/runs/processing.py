@@ -39,11 +39,11 @@ from dicom_node.runs.context import RunContext
 from model.types import Prediction
 from pipeline.convert import convert_series
 from pipeline.notes import ClinicalNote, choose_notes, format_note_text
-from pipeline.preprocess import Preprocessed, default_template_path, preprocess
+from pipeline.preprocess import Preprocessed, default_template_path, preprocess, qc_checks
 from pipeline.select import SeriesCandidate, select_series
 from structured_reports.keyslices import key_slices
 from structured_reports.texts import processing_failure_text
-from structured_reports.types import DeviceInfo, KeySlice, NotesUsed, ReportInput
+from structured_reports.types import DeviceInfo, KeySlice, NotesUsed, ReportInput, SeriesRequirement
 from structured_reports.uids import run_identity
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ class _Progress:
     seconds: dict[str, float] = field(default_factory=dict)
     stamps: dict[str, Any] = field(default_factory=dict)
     key_slices: list[KeySlice] = field(default_factory=list)
+    #: The preprocessing's QC values (for the report; the run's record gets them with the preprocessing write).
+    qc: dict[str, float] = field(default_factory=dict)
     #: The stage running, or the last one begun (its result being recorded); ``started`` before the first.
     stage: str = "started"
     #: Audit columns gathered since the last write; recorded by the next one (the end of the run at the latest).
@@ -215,6 +217,7 @@ def _analyse(ctx: RunContext, run_id: str, inputs: _Inputs, progress: _Progress)
         pre = preprocess(nifti, ctx.preprocess_config)
     progress.seconds.update({f"preprocess.{k}": round(v, 3) for k, v in pre.stage_seconds.items()})
     progress.record(preprocessed_at=progress.stamps["preprocessed_at"], qc=_json_floats(pre.qc))
+    progress.qc = dict(pre.qc)
     _update(sessions, run_id, **progress.take())
     progress.key_slices = _key_slices(ctx, run_id, pre)
     with _stage(progress, "notes_joined"):
@@ -367,12 +370,15 @@ def _finish(ctx: RunContext, run_id: str, inputs: _Inputs, result: _Result, prog
         notes=notes_used,
         prediction=prediction,
         not_analysed=not_analysed,
+        qc=qc_checks(progress.qc, ctx.preprocess_config) if prediction is not None else (),
+        requirement=SeriesRequirement.from_config(ctx.rules, ctx.preprocess_config),
     )
     with _stage(progress, "report_built"), sessions() as session:
         input_hash = _input_hash(session, chosen) if chosen else hashlib.sha256(
             "".join(sorted(by_series)).encode()).hexdigest()
         notes_rows = progress.pending.get("notes_used", []) if prediction is not None else []
         identity = run_identity(study_uid, chosen, input_hash, info.weights_sha256, notes=notes_rows,
+                                preprocessing=report.preprocessing_version,
                                 outcome=not_analysed[0].value if not_analysed is not None else None)
         written = write_objects(ctx.settings, session, run_id, sources, report, identity,
                                 instance_number=sequence, content_datetime=created_at, slices=progress.key_slices)

@@ -39,6 +39,7 @@ from structured_reports.types import (
     NotesUsed,
     ReportError,
 )
+from structured_reports.uids import UidKind, derive_uid
 from structured_reports.validate import require_valid
 from tests.support.sr import (
     PROBABILITIES,
@@ -143,7 +144,9 @@ def test_sr_names_device_algorithm_and_equipment(mr_series: list[Dataset]) -> No
     assert isinstance(attributes, hd.sr.DeviceObserverIdentifyingAttributes)
     assert attributes.uid == report.device.device_uid
     assert attributes.name == report.device.name
-    assert attributes.serial_number == report.device.serial_number
+    # Only UID and name before the result; the rest of the device is in the Contributing Equipment Sequence.
+    assert (attributes.manufacturer_name, attributes.model_name, attributes.serial_number) == (None, None, None)
+    assert report.device.serial_number in [e.get("DeviceSerialNumber") for e in sr.ContributingEquipmentSequence]
 
     algorithm = {
         item.name.meaning: str(item.value)
@@ -198,7 +201,7 @@ def test_dsr2html_shows_class_probabilities_and_disclaimer(sr_file: Path) -> Non
 
     assert "Impression: Alzheimer's disease (26929004, SCT)" in text
     for label, meaning in (("AD", "Alzheimer's disease"), ("MCI", "Mild cognitive impairment"),
-                           ("CN", "Normal")):
+                           ("CN", "Cognitively normal")):
         assert f"Probability: {PROBABILITIES[label]} 1 Concept Modifier : Finding = {meaning}" in text
     assert DISCLAIMER in text
     assert DEMONSTRATION_TEXT in text
@@ -267,8 +270,10 @@ def test_replay_builds_the_same_object(mr_series: list[Dataset]) -> None:
     one = build(mr_series, make_report())
     two = build(mr_series, make_report())
 
-    assert one.SOPInstanceUID == two.SOPInstanceUID
-    assert one.SeriesInstanceUID == two.SeriesInstanceUID
+    source = mr_series[0]  # the UIDs given to the builder (tests.support.sr.build), used as given, both times
+    identity = (str(source.StudyInstanceUID), str(source.SeriesInstanceUID), "in" * 32, "3c" * 32)
+    assert one.SOPInstanceUID == two.SOPInstanceUID == derive_uid(*identity, "1", UidKind.SR_INSTANCE)
+    assert one.SeriesInstanceUID == two.SeriesInstanceUID == derive_uid(*identity, UidKind.SR_SERIES)
     assert one.ContentSequence == two.ContentSequence
     assert str(one.ContentDate) == "20240304"
     assert str(one.ContentTime).startswith("123005")

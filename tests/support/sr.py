@@ -20,9 +20,10 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from core.errors import Outcome
 from model.types import ModelInfo, Prediction
+from pipeline.preprocess import PreprocessConfig, QCCheck, qc_checks
 from structured_reports.pdf import build_pdf
 from structured_reports.sr import build_sr
-from structured_reports.types import DeviceInfo, NotesUsed, ReportInput
+from structured_reports.types import DeviceInfo, NotesUsed, ReportInput, SeriesRequirement
 from structured_reports.uids import UidKind, derive_uid
 
 N_SLICES = 5
@@ -30,6 +31,11 @@ PROBABILITIES = {"AD": 0.62, "MCI": 0.27, "CN": 0.11}
 NOTE_DATES = (datetime.date(2024, 3, 1), datetime.date(2023, 11, 20))
 TWO_NOTES = NotesUsed(NOTE_DATES)
 RUN_TIME = datetime.datetime(2024, 3, 4, 12, 30, 5)
+#: QC values of a good 3D T1 (as preprocessing measures them).
+QC_VALUES = {"slices": 176.0, "slice_thickness_mm": 1.0, "correlation": 0.912, "coverage": 0.998,
+             "wm_gm_ratio": 1.31}
+#: What the tests' node configuration needs of a series (deliberately not the defaults).
+REQUIREMENT = SeriesRequirement(min_slices=120, max_slice_thickness_mm=1.2)
 
 
 def make_mr_series(n_slices: int = N_SLICES) -> list[Dataset]:
@@ -102,14 +108,56 @@ def make_mr_series(n_slices: int = N_SLICES) -> list[Dataset]:
     return instances
 
 
+def received_study() -> list[Dataset]:
+    """What a study the node would not analyse brings: a 3-image localizer (series 1) and a 2-image T2 (series 2).
+
+    Both series are of one study and patient (the T2's headers are the localizer's with another series).
+    """
+    localizer = make_mr_series(3)
+    t2 = make_mr_series(2)
+    series_uid = generate_uid()
+    for ds in localizer:
+        ds.SeriesNumber, ds.SeriesDescription = 1, "localizer"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    for ds in t2:
+        ds.StudyInstanceUID = localizer[0].StudyInstanceUID
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber, ds.SeriesDescription = 2, "t2_tse_tra"
+    return [*t2, *localizer]  # not in series order: the report orders them
+
+
+def reread(ds: Dataset) -> Dataset:
+    """*ds* encoded to Part 10 bytes and decoded with pydicom, as a receiver reads it."""
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    buffer.seek(0)
+    return pydicom.dcmread(buffer)
+
+
+def content_items(items: Sequence[Dataset]) -> list[Dataset]:
+    """Every content item under *items* (a ContentSequence), depth first, in document order."""
+    found: list[Dataset] = []
+    for item in items:
+        found.append(item)
+        found.extend(content_items(item.get("ContentSequence", [])))
+    return found
+
+
+def concept(item: Dataset) -> tuple[str, str]:
+    """(CodeValue, CodingSchemeDesignator) of a content item's concept name."""
+    name = item.ConceptNameCodeSequence[0]
+    return str(name.CodeValue), str(name.CodingSchemeDesignator)
+
+
 def make_report(
     *,
     prediction: Prediction | None = None,
     not_analysed: tuple[Outcome, str] | None = None,
     notes: NotesUsed = TWO_NOTES,
     demonstration: bool = True,
+    qc: tuple[QCCheck, ...] | None = None,
 ) -> ReportInput:
-    """A report input as the worker assembles it."""
+    """A report input as the worker assembles it (QC values of :data:`QC_VALUES` with the default limits)."""
     if prediction is None and not_analysed is None:
         prediction = Prediction(
             probabilities=dict(PROBABILITIES), predicted_class="AD", used_note=notes.count > 0
@@ -135,6 +183,8 @@ def make_report(
         notes=notes,
         prediction=prediction,
         not_analysed=not_analysed,
+        qc=qc_checks(QC_VALUES, PreprocessConfig()) if qc is None else qc,
+        requirement=REQUIREMENT,
     )
 
 
