@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DEB_PACKAGES := dcmtk dicom3tools orthanc mricron-data poppler-utils openjph-tools chromium chromium-driver
 
-.PHONY: setup system-deps venv parity-env demo test corpus lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos demo-model clean
+.PHONY: setup system-deps venv parity-env demo test corpus lint bench-ingest bench-scaleout bench-preprocess bench-inference chaos demo-model mutation clean
 
 setup: system-deps venv
 
@@ -70,11 +70,18 @@ bench-scaleout: setup
 # The committed demonstration model (model/demo/): a synthetic cohort, then the project's own train command.
 demo-model: setup
 	$(BIN)/dicom-node synth cohort --out var/cohort64 --subjects 240 --size 64 --seed 1
-	$(BIN)/dicom-node train var/cohort64/manifest.csv --out var/runs/demo --inputs mri+note --epochs 20 \
+	$(BIN)/dicom-node train var/cohort64/manifest.csv --out var/runs/demo --demo-base --inputs mri+note --epochs 20 \
 	    --lr-head 1e-2 --seed 0 --no-progress --export-demo model/demo
 
 chaos: setup
 	$(BIN)/python -m benchmarks.chaos
+
+# Mutation testing of the modules whose decisions matter (docs/mutation.md): mutmut, pinned in
+# requirements-mutation.txt, one module at a time against the tests that cover it. Long; not part of make test.
+mutation: setup
+	$(BIN)/pip install -q -r requirements-mutation.txt
+	rm -rf mutants
+	$(BIN)/python -m benchmarks.mutation
 
 bench-preprocess: setup
 	$(BIN)/python -m benchmarks.bench_preprocess

@@ -95,7 +95,7 @@ def child(manifest: str, out: str, eager: bool) -> dict[str, Any]:
         keep = torch.stack([torch.from_numpy(np.load(s.volume).astype(np.float16)) for s in samples])
     started = time.perf_counter()
     train(TrainConfig(manifest=manifest, out_dir=out, inputs="mri+note", epochs=1, batch_size=8, progress=False,
-                      seed=0))
+                      seed=0, demo_base=True))
     rows = len(Path(manifest).read_text(encoding="utf-8").splitlines()) - 1
     return {"scans": rows, "eager": eager, "seconds": round(time.perf_counter() - started, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -3,15 +3,22 @@
 A model directory holds::
 
     brain_adapter.json   manifest: format, name, version, demonstration flag,
-                         text encoder folder (relative to the directory) and the
-                         BrainAdapterConfig
+                         text encoder folder (relative to the directory), the
+                         BrainAdapterConfig and, when present, the calibration
+                         ``temperature``, the ``trained`` parts on top of the
+                         weights and the ``source`` (e.g. M3D-CLIP's files and hashes)
     model.safetensors    every weight of the model, frozen towers included, so the
-                         file's SHA-256 identifies the whole network
+                         file's SHA-256 identifies the whole network (the base, when
+                         there are trained parts)
     text_encoder/        the text encoder's config.json and tokenizer files (no weights)
+    adapter.safetensors  or lora/ (peft's format): trained parts of a run on this
+                         base (``model.export``), bound to the base's SHA-256
 
 Loading builds the architecture from the manifest (the text encoder from its
 config alone) and loads ``model.safetensors`` with ``strict=True``; any mismatch is
 reported as a :class:`model.errors.ModelLoadError` naming the offending keys.
+Trained parts are then applied (refused unless made on exactly these base
+weights) and the served probabilities are ``softmax(logits / temperature)``.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.brain_adapter import BrainAdapter, BrainAdapterConfig
+from model.adapter_config import BrainAdapterConfig, Preset
+from model.brain_adapter import BrainAdapter
 from model.errors import ModelLoadError
 from model.text import load_text_encoder, save_text_encoder_files
 
@@ -40,6 +49,8 @@ WEIGHTS_FILE = "model.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"
 FORMAT = "brain-adapter-model"
 FORMAT_VERSION = 1
+#: Kinds of trained parts a model directory can carry on top of its weights.
+TRAINED_KINDS = ("adapter", "lora")
 
 
 @dataclass(frozen=True)
@@ -57,16 +68,26 @@ class ModelManifest:
     config : BrainAdapterConfig
         Architecture; ``text_encoder_path`` relative to the model directory
         unless absolute.
+    temperature : float
+        Calibration temperature applied to the logits when serving (1: none).
+    trained : dict, optional
+        Trained parts on top of ``model.safetensors``: ``kind`` (``adapter`` or
+        ``lora``), ``path`` (relative), ``preset`` and ``base_weights_sha256``.
+    source : dict, optional
+        Where the weights came from (e.g. M3D-CLIP's folder and its files' SHA-256).
     """
 
     name: str
     version: str
     demonstration: bool
     config: BrainAdapterConfig
+    temperature: float = 1.0
+    trained: Mapping[str, str] | None = None
+    source: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON document."""
-        return {
+        doc: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "name": self.name,
@@ -75,6 +96,13 @@ class ModelManifest:
             "text_encoder_path": self.config.text_encoder_path,
             "config": self.config.to_dict(),
         }
+        if self.temperature != 1.0:
+            doc["temperature"] = self.temperature
+        if self.trained is not None:
+            doc["trained"] = dict(self.trained)
+        if self.source is not None:
+            doc["source"] = dict(self.source)
+        return doc
 
 
 def sha256_file(path: Path) -> str:
@@ -98,7 +126,8 @@ def sha256_file(path: Path) -> str:
 
 
 def save_model(
-    model: BrainAdapter, out_dir: Path, *, name: str, version: str, demonstration: bool
+    model: BrainAdapter, out_dir: Path, *, name: str, version: str, demonstration: bool,
+    temperature: float = 1.0, trained: Mapping[str, str] | None = None, source: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a model directory.
 
@@ -112,6 +141,12 @@ def save_model(
         Identity recorded in the manifest.
     demonstration : bool
         Mark the model as not for clinical use.
+    temperature : float
+        Calibration temperature to serve with (1: none).
+    trained : Mapping, optional
+        Trained parts the caller puts next to the weights (see :class:`ModelManifest`).
+    source : Mapping, optional
+        Provenance of the weights.
 
     Returns
     -------
@@ -124,7 +159,8 @@ def save_model(
     if model.text_encoder is not None:
         save_text_encoder_files(model.text_encoder, out_dir / TEXT_ENCODER_DIR)
         config = config.with_text_encoder_path(TEXT_ENCODER_DIR)
-    manifest = ModelManifest(name=name, version=version, demonstration=demonstration, config=config)
+    manifest = ModelManifest(name=name, version=version, demonstration=demonstration, config=config,
+                             temperature=float(temperature), trained=trained, source=source)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # A single metadata key: safetensors writes metadata in hash-map order, and the
     # file's SHA-256 must depend on the tensors alone.
@@ -168,11 +204,23 @@ def read_manifest(model_dir: Path) -> ModelManifest:
         raise ModelLoadError(f"{path} has format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
     try:
         config = BrainAdapterConfig.from_dict(data["config"])
+        temperature = float(data.get("temperature", 1.0))
+        trained = data.get("trained")
+        if trained is not None:
+            trained = {k: str(trained[k]) for k in ("kind", "path", "preset", "base_weights_sha256")}
+            if trained["kind"] not in TRAINED_KINDS:
+                raise ValueError(f"trained kind must be one of {TRAINED_KINDS}, got {trained['kind']!r}")
+            Preset(trained["preset"])
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a positive number, got {temperature}")
         return ModelManifest(
             name=str(data["name"]),
             version=str(data["version"]),
             demonstration=bool(data["demonstration"]),
             config=config,
+            temperature=temperature,
+            trained=trained,
+            source=data.get("source"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"invalid manifest {path}: {exc}") from exc
@@ -268,23 +316,101 @@ def strict_load(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
         raise ModelLoadError(f"checkpoint {source} cannot be loaded: {exc}") from exc
 
 
+def model_identity(base_sha256: str, trained_files: Mapping[str, str], temperature: float) -> str:
+    """SHA-256 identifying a base, the trained parts on it and the temperature together.
+
+    Parameters
+    ----------
+    base_sha256 : str
+        SHA-256 of ``model.safetensors``.
+    trained_files : Mapping
+        Relative path to SHA-256 of every file of the trained parts.
+    temperature : float
+        Served temperature.
+
+    Returns
+    -------
+    str
+        The base's own SHA-256 when there is nothing on top of it; otherwise the
+        SHA-256 of a canonical JSON of the three.
+    """
+    if not trained_files and temperature == 1.0:
+        return base_sha256
+    doc = json.dumps({"base": base_sha256, "trained": dict(sorted(trained_files.items())),
+                      "temperature": repr(float(temperature))}, sort_keys=True)
+    return hashlib.sha256(doc.encode("utf-8")).hexdigest()
+
+
+def _trained_files(root: Path) -> dict[str, str]:
+    """Relative path to SHA-256 of a trained-parts file, or of every file under a folder."""
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    return {p.relative_to(root.parent).as_posix(): sha256_file(p) for p in files}
+
+
+def apply_trained(model: BrainAdapter, model_dir: Path, trained: Mapping[str, str],
+                  base_sha256: str) -> tuple[BrainAdapter, dict[str, str]]:
+    """Apply a model directory's trained parts to its loaded base.
+
+    Parameters
+    ----------
+    model : BrainAdapter
+        The base, its weights loaded.
+    model_dir : Path
+        The model directory.
+    trained : Mapping
+        The manifest's ``trained`` entry.
+    base_sha256 : str
+        SHA-256 of the loaded base weights.
+
+    Returns
+    -------
+    tuple
+        ``(model, files)``: the model with the trained parts (LoRA merged) and the
+        trained files' SHA-256 by relative path.
+
+    Raises
+    ------
+    ModelLoadError
+        When the parts were made on other base weights, are missing or do not fit.
+    """
+    from model.finetune import load_adapter_file, load_lora
+
+    if trained["base_weights_sha256"] != base_sha256:
+        raise ModelLoadError(
+            f"the trained parts in {model_dir} were made on base weights {trained['base_weights_sha256']!r}, "
+            f"not on this directory's {WEIGHTS_FILE} ({base_sha256!r}); refusing to combine them")
+    path = Path(model_dir) / trained["path"]
+    if not path.exists():
+        raise ModelLoadError(f"trained parts not found: {path}")
+    files = _trained_files(path)
+    model.config = replace(model.config, preset=Preset(trained["preset"]))
+    model.apply_preset()
+    if trained["kind"] == "lora":
+        model = load_lora(model, path, base_weights_sha256=base_sha256)
+    else:
+        load_adapter_file(model, path, base_weights_sha256=base_sha256)
+    return model, files
+
+
 def load_model(model_dir: Path) -> tuple[BrainAdapter, ModelManifest, str]:
     """Load a model directory strictly, on CPU, in eval mode.
 
     Parameters
     ----------
     model_dir : Path
-        Directory written by :func:`save_model`.
+        Directory written by :func:`save_model` (and :func:`model.export.export_run`).
 
     Returns
     -------
     tuple
-        ``(model, manifest, weights_sha256)``.
+        ``(model, manifest, weights_sha256)``; with trained parts or a temperature
+        the SHA-256 is :func:`model_identity` of all of them.
 
     Raises
     ------
     ModelLoadError
-        On a wrong path, an invalid manifest or a weights file that does not match.
+        On a wrong path, an invalid manifest, a weights file that does not match,
+        or trained parts made on other base weights.
     """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -298,7 +424,12 @@ def load_model(model_dir: Path) -> tuple[BrainAdapter, ModelManifest, str]:
     except ValueError as exc:
         raise ModelLoadError(f"invalid model configuration in {model_dir}: {exc}") from exc
     strict_load(model, state, str(weights))
-    model.eval()
     digest = sha256_file(weights)
-    logger.info("loaded model %s %s (sha256 %s)", manifest.name, manifest.version, digest[:12])
-    return model, manifest, digest
+    files: dict[str, str] = {}
+    if manifest.trained is not None:
+        model, files = apply_trained(model, model_dir, manifest.trained, digest)
+    model.eval()
+    identity = model_identity(digest, files, manifest.temperature)
+    logger.info("loaded model %s %s (sha256 %s, base %s, temperature %.3g)", manifest.name, manifest.version,
+                identity[:12], digest[:12], manifest.temperature)
+    return model, manifest, identity

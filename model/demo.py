@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_bytes
 
-from model.brain_adapter import BrainAdapter, BrainAdapterConfig, Preset
+from model.adapter_config import BrainAdapterConfig, Preset
+from model.brain_adapter import BrainAdapter
 from model.checkpoint import load_model
 from model.errors import ModelLoadError
 from model.text import load_text_encoder, packaged_minilm_path

@@ -35,7 +35,7 @@ from model.dataset import Sample, check_preprocessing, read_manifest, subject_sp
 from model.demo import BaseSpec, build_base
 from model.errors import ModelInputError
 from model.feed import Predictions, build_inputs, predict
-from model.finetune import load_adapter_file
+from model.finetune import load_trained_parts
 from model.intervals import N_BOOTSTRAP, bootstrap_intervals, format_interval
 from model.types import CLASSES
 
@@ -216,7 +216,7 @@ def load_run(run_dir: Path) -> tuple[BrainAdapter, dict[str, Any]]:
     model, digest = build_base(BaseSpec.from_dict(summary["base"]))
     model.config = replace(model.config, preset=Preset(summary["config"]["preset"]))
     model.apply_preset()
-    load_adapter_file(model, Path(run_dir) / "adapter.safetensors", base_weights_sha256=digest)
+    model = load_trained_parts(model, Path(run_dir), base_weights_sha256=digest)  # adapter file or LoRA folder
     return model.eval(), summary
 
 

@@ -8,22 +8,29 @@
 * An *adapter file* (safetensors) holds only the trainable tensors of a model
   (plain or peft-wrapped) and, in its metadata, the SHA-256 of the base weights
   file it was trained on; :func:`load_adapter_file` refuses any other base.
+* A *LoRA folder* (:func:`save_lora`) is peft's own format (``adapter_config.json``
+  and ``adapter_model.safetensors``: LoRA matrices and the preset's modules), loadable
+  with ``peft.PeftModel.from_pretrained(base, folder)``; its weights file's metadata
+  carries the base weights' SHA-256, the preset and ``logit_scale`` (a bare
+  parameter peft does not save), and :func:`load_lora` refuses any other base.
 * :func:`trainable_parameter_counts` reports the trainable size of each preset.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.brain_adapter import BrainAdapter, BrainAdapterConfig, Preset
+from model.adapter_config import BrainAdapterConfig, Preset
+from model.brain_adapter import BrainAdapter
 from model.errors import ModelLoadError
 from model.text import TextEncoder
 
@@ -31,6 +38,14 @@ logger = logging.getLogger(__name__)
 
 #: Regular expression selecting the ViT attention projections for LoRA.
 LORA_ATTENTION_TARGETS = r".*vision_encoder\.blocks\.\d+\.attn\.(qkv|out_proj)"
+#: A run's (or model directory's) trained tensors without LoRA.
+ADAPTER_FILE = "adapter.safetensors"
+#: A run's (or model directory's) LoRA folder, in peft's format.
+LORA_DIR = "lora"
+#: peft's weights file inside a LoRA folder.
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+#: Prefix peft puts before the wrapped model's parameter names.
+PEFT_PREFIX = "base_model.model."
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -76,6 +91,31 @@ def save_adapter_file(model: nn.Module, path: Path, *, base_weights_sha256: str,
                                           "preset": preset.value})
     logger.info("saved adapter file with %d tensors (base %s)", len(state), base_weights_sha256[:12])
     return path
+
+
+def adapter_metadata(path: Path) -> dict[str, str]:
+    """The metadata of an adapter file (base hash, preset, ``temperature`` when fitted, ...).
+
+    Parameters
+    ----------
+    path : Path
+        Adapter file.
+
+    Returns
+    -------
+    dict
+        The metadata.
+
+    Raises
+    ------
+    ModelLoadError
+        When the file is missing or unreadable.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"cannot read adapter file {path}: {exc}") from exc
 
 
 def load_adapter_file(model: nn.Module, path: Path, *, base_weights_sha256: str) -> None:
@@ -210,6 +250,144 @@ def merge_lora(wrapped: Any) -> BrainAdapter:
     if not isinstance(model, BrainAdapter):
         raise TypeError(f"expected a BrainAdapter, got {type(model).__name__}")
     model.apply_preset()
+    return model
+
+
+def save_lora(wrapped: Any, out_dir: Path, *, base_weights_sha256: str, preset: Preset,
+              metadata: dict[str, str] | None = None) -> Path:
+    """Write a LoRA-wrapped model's trained parts in peft's format, bound to its base.
+
+    Parameters
+    ----------
+    wrapped : peft.PeftModel
+        From :func:`apply_lora`, trained.
+    out_dir : Path
+        Destination folder (``adapter_config.json``, ``adapter_model.safetensors``).
+    base_weights_sha256 : str
+        SHA-256 of the base weights the model was built on.
+    preset : Preset
+        Preset the model was trained with.
+    metadata : dict, optional
+        More metadata (e.g. the calibration ``temperature``).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    wrapped.save_pretrained(str(out_dir))
+    inner = wrapped.get_base_model()
+    weights = out_dir / PEFT_WEIGHTS_FILE
+    state = load_file(str(weights))
+    # peft's loader ignores the metadata; the binding lives there, as in an adapter file.
+    save_file(state, str(weights), metadata={
+        **(metadata or {}), "format": "pt", "base_weights_sha256": base_weights_sha256, "preset": preset.value,
+        "logit_scale": repr(float(inner.logit_scale.detach())),
+    })
+    logger.info("saved LoRA folder with %d tensors (base %s)", len(state), base_weights_sha256[:12])
+    return out_dir
+
+
+def lora_metadata(lora_dir: Path) -> dict[str, str]:
+    """The metadata of a LoRA folder's weights file (base hash, preset, ``logit_scale``, ...).
+
+    Parameters
+    ----------
+    lora_dir : Path
+        Folder written by :func:`save_lora`.
+
+    Returns
+    -------
+    dict
+        The metadata.
+
+    Raises
+    ------
+    ModelLoadError
+        When the folder or its weights file is missing or unreadable.
+    """
+    weights = Path(lora_dir) / PEFT_WEIGHTS_FILE
+    if not (Path(lora_dir) / "adapter_config.json").is_file() or not weights.is_file():
+        raise ModelLoadError(f"not a LoRA folder (adapter_config.json and {PEFT_WEIGHTS_FILE}): {lora_dir}")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"cannot read LoRA weights {weights}: {exc}") from exc
+
+
+def load_lora(model: BrainAdapter, lora_dir: Path, *, base_weights_sha256: str) -> BrainAdapter:
+    """Apply a LoRA folder to the base it was trained on and merge it.
+
+    Parameters
+    ----------
+    model : BrainAdapter
+        The base, its weights loaded (changed in place by peft).
+    lora_dir : Path
+        Folder written by :func:`save_lora`.
+    base_weights_sha256 : str
+        SHA-256 of the base weights actually loaded.
+
+    Returns
+    -------
+    BrainAdapter
+        The model with LoRA merged into the ViT attention and the trained modules
+        in place, under the folder's preset, in eval mode.
+
+    Raises
+    ------
+    ModelLoadError
+        When the folder was trained on other base weights or does not fit the model.
+    """
+    from peft import PeftModel
+
+    meta = lora_metadata(lora_dir)
+    trained_on = meta.get("base_weights_sha256")
+    if trained_on != base_weights_sha256:
+        raise ModelLoadError(
+            f"LoRA folder {lora_dir} was trained on base weights {trained_on!r}, not on the loaded base "
+            f"{base_weights_sha256!r}; refusing to combine them")
+    try:
+        preset = Preset(meta.get("preset", model.config.preset.value))
+        logit_scale = float(meta.get("logit_scale", "nan"))
+        model.config = replace(model.config, preset=preset)
+        wrapped = PeftModel.from_pretrained(model, str(lora_dir))
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"LoRA folder {lora_dir} does not fit the model: {exc}") from exc
+    merged = merge_lora(wrapped)
+    if math.isfinite(logit_scale):
+        with torch.no_grad():
+            merged.logit_scale.fill_(logit_scale)
+    return merged.eval()
+
+
+def load_trained_parts(model: BrainAdapter, run_dir: Path, *, base_weights_sha256: str) -> BrainAdapter:
+    """Apply a training run's trained parts (its LoRA folder, else its adapter file) to its base.
+
+    Parameters
+    ----------
+    model : BrainAdapter
+        The run's base, its weights loaded and the run's preset applied.
+    run_dir : Path
+        The run folder.
+    base_weights_sha256 : str
+        SHA-256 of the base weights actually loaded.
+
+    Returns
+    -------
+    BrainAdapter
+        The trained model (LoRA merged).
+
+    Raises
+    ------
+    ModelLoadError
+        When the parts were trained on other base weights or do not fit.
+    """
+    lora = Path(run_dir) / LORA_DIR
+    if lora.is_dir():
+        return load_lora(model, lora, base_weights_sha256=base_weights_sha256)
+    load_adapter_file(model, Path(run_dir) / ADAPTER_FILE, base_weights_sha256=base_weights_sha256)
     return model
 
 

@@ -1,7 +1,10 @@
 """Inference entry points: :class:`Predictor` and the demonstration model.
 
 The node loads a model directory once with :meth:`Predictor.load` and calls
-:meth:`Predictor.predict` for each preprocessed volume.
+:meth:`Predictor.predict` for each preprocessed volume.  The probabilities it
+serves are ``softmax(logits / T)`` with the calibration temperature ``T`` stored in
+the model directory's manifest (fitted on validation subjects by ``dicom-node
+train``, carried over by :func:`model.export.export_run`; 1 when absent).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.brain_adapter import BrainAdapter, BrainAdapterConfig, Preset
+from model.adapter_config import BrainAdapterConfig, Preset
+from model.brain_adapter import BrainAdapter
 from model.checkpoint import ModelManifest, load_model, save_model
 from model.errors import ModelInputError, ModelLoadError
 from model.feed import has_note
@@ -88,6 +92,11 @@ class Predictor:
         return cls(model, manifest, digest, dev)
 
     @property
+    def temperature(self) -> float:
+        """The calibration temperature the logits are divided by (1: uncalibrated)."""
+        return self.manifest.temperature
+
+    @property
     def config(self) -> BrainAdapterConfig:
         """The model's configuration."""
         return self.model.config
@@ -111,7 +120,11 @@ class Predictor:
             "embed_dim": str(cfg.embed_dim),
             "classes": ",".join(cfg.classes),
             "device": str(self.device),
+            "temperature": f"{self.temperature:.6g}",
         }
+        if self.manifest.trained is not None:
+            params["trained_parts"] = self.manifest.trained["kind"]
+            params["base_weights_sha256"] = self.manifest.trained["base_weights_sha256"]
         if cfg.use_note:
             params["text_encoder"] = cfg.text_encoder_name or Path(cfg.text_encoder_path).name
         return ModelInfo(
@@ -153,8 +166,8 @@ class Predictor:
         Returns
         -------
         Prediction
-            Class probabilities (summing to 1), the most probable class, and
-            whether the note entered the model.
+            Class probabilities ``softmax(logits / temperature)`` (summing to 1),
+            the most probable class, and whether the note entered the model.
 
         Raises
         ------
@@ -174,7 +187,7 @@ class Predictor:
                                  note_mask=torch.ones(1, dtype=torch.bool, device=self.device))
             else:
                 out = self.model(x)
-            probs = torch.softmax(out.logits[0].double(), dim=-1).cpu().numpy()
+            probs = torch.softmax(out.logits[0].double() / self.temperature, dim=-1).cpu().numpy()
         probabilities = {name: float(p) for name, p in zip(self.config.classes, probs, strict=True)}
         predicted = self.config.classes[int(np.argmax(probs))]
         return Prediction(probabilities=probabilities, predicted_class=predicted, used_note=bool(use_note))
@@ -209,7 +222,7 @@ def init_trained_demo_model(out_dir: Path, demo_dir: Path | None = None) -> Path
     for clinical use.
     """
     from model.demo import DEMO_ADAPTER_FILE, DEMO_DIR, build_demo_base, read_demo_info, state_sha256
-    from model.finetune import load_adapter_file
+    from model.finetune import adapter_metadata, load_adapter_file
 
     folder = Path(demo_dir) if demo_dir is not None else DEMO_DIR
     info = read_demo_info(folder)
@@ -224,6 +237,7 @@ def init_trained_demo_model(out_dir: Path, demo_dir: Path | None = None) -> Path
         name="Brain-Adapter demonstration (trained on synthetic data, not for clinical use)",
         version=f"0.1.0+demo.synthetic.{tag}",
         demonstration=True,
+        temperature=float(adapter_metadata(folder / DEMO_ADAPTER_FILE).get("temperature", 1.0)),
     )
 
 

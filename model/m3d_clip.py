@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from model.brain_adapter import BrainAdapter, BrainAdapterConfig, Preset
+from model.adapter_config import BrainAdapterConfig, Preset
+from model.brain_adapter import BrainAdapter
 from model.checkpoint import WEIGHTS_FILE, load_weights, save_model, strict_load
 from model.errors import ModelLoadError
 from model.text import TextEncoder, force_offline
@@ -133,16 +134,42 @@ def load_m3d_clip(
     """
     path = Path(path)
     file = path / WEIGHTS_FILE if path.is_dir() else path
-    state = load_weights(file)
+    return clip_from_state(load_weights(file), str(file), vit_config=vit_config, text_config=text_config,
+                           embed_dim=embed_dim)
+
+
+def clip_from_state(state: dict[str, torch.Tensor], source: str, *, vit_config: ViTConfig | None = None,
+                    text_config: Any = None, embed_dim: int | None = None) -> M3DClip:
+    """Build M3D-CLIP and load a state dict into it strictly (every key, every shape).
+
+    Parameters
+    ----------
+    state : dict
+        The checkpoint's tensors (changed: legacy buffers are dropped).
+    source : str
+        The checkpoint's path, for messages.
+    vit_config, text_config, embed_dim : optional
+        As :func:`load_m3d_clip`.
+
+    Returns
+    -------
+    M3DClip
+        The model, in eval mode.
+
+    Raises
+    ------
+    ModelLoadError
+        Naming the missing keys, unexpected keys and shape mismatches.
+    """
     for key in _LEGACY_BUFFERS:
         state.pop(key, None)
     if embed_dim is None:
         proj = state.get("mm_vision_proj.weight")
         embed_dim = int(proj.shape[0]) if proj is not None and proj.dim() == 2 else 768
     model = _uninitialised_m3d_clip(vit_config, text_config, embed_dim)
-    strict_load(model, state, str(file))
+    strict_load(model, state, source)
     model.eval()
-    logger.info("loaded M3D-CLIP checkpoint %s", file.name)
+    logger.info("loaded M3D-CLIP checkpoint %s", Path(source).name)
     return model
 
 
@@ -242,22 +269,58 @@ def init_from_m3d_clip(
     """
     m3d_path = Path(m3d_path)
     clip = load_m3d_clip(m3d_path, vit_config=vit_config, text_config=text_config)
+    folder = tokenizer_path or (m3d_path if m3d_path.is_dir() else m3d_path.parent)
+    return base_from_clip(clip, folder, Path(out_dir), preset=preset, use_note=use_note, seed=seed, name=name,
+                          version=version, input_size=input_size)
+
+
+def base_from_clip(clip: M3DClip, tokenizer_folder: Path, out_dir: Path, *, preset: Preset, use_note: bool,
+                   seed: int, name: str, version: str, input_size: tuple[int, int, int],
+                   source: dict[str, Any] | None = None) -> Path:
+    """Write a Brain-Adapter model directory around a loaded M3D-CLIP (see :func:`init_from_m3d_clip`).
+
+    Parameters
+    ----------
+    clip : M3DClip
+        Loaded M3D-CLIP.
+    tokenizer_folder : Path
+        Folder with the BERT tokenizer (``vocab.txt``); unused without notes.
+    out_dir : Path
+        Destination model directory.
+    preset, use_note, seed, name, version, input_size
+        As :func:`init_from_m3d_clip`.
+    source : dict, optional
+        Provenance recorded in the manifest.
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+
+    Raises
+    ------
+    ModelLoadError
+        When the tokenizer cannot be loaded or the sizes do not fit together.
+    """
     text = None
     if use_note:
-        folder = tokenizer_path or (m3d_path if m3d_path.is_dir() else m3d_path.parent)
         hidden = int(clip.language_encoder.config.hidden_size)
-        text = TextEncoder(model=clip.language_encoder, tokenizer=_load_bert_tokenizer(folder), hidden_size=hidden)
-    config = BrainAdapterConfig(
-        vit=clip.vision_encoder.config,
-        text_encoder_path=str(m3d_path) if use_note else "",
-        embed_dim=clip.mm_vision_proj.out_features,
-        preset=preset,
-        use_note=use_note,
-        input_size=input_size,
-        text_encoder_name="M3D-CLIP BERT (bert-base-uncased architecture)" if use_note else "",
-    )
+        text = TextEncoder(model=clip.language_encoder, tokenizer=_load_bert_tokenizer(tokenizer_folder),
+                           hidden_size=hidden)
+    try:
+        config = BrainAdapterConfig(
+            vit=clip.vision_encoder.config,
+            text_encoder_path=str(tokenizer_folder) if use_note else "",
+            embed_dim=clip.mm_vision_proj.out_features,
+            preset=preset,
+            use_note=use_note,
+            input_size=input_size,
+            text_encoder_name="M3D-CLIP BERT (bert-base-uncased architecture)" if use_note else "",
+        )
+    except ValueError as exc:
+        raise ModelLoadError(f"M3D-CLIP does not fit this input: {exc}") from exc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BrainAdapter(config, text)
     transfer_m3d_clip(clip, model)
-    return save_model(model, Path(out_dir), name=name, version=version, demonstration=True)
+    return save_model(model, Path(out_dir), name=name, version=version, demonstration=True, source=source)

@@ -3,13 +3,16 @@
 One run: read a manifest (refused unless preprocessed as the node serves, see
 :func:`model.dataset.check_preprocessing`), split it by subject (70/30 by default,
 stratified; 15 % of the training subjects again for calibration), build the base
-(a model directory or the seeded demonstration base), train the preset's
+(a model directory, e.g. from ``dicom-node model import-m3d-clip``, or -- only when
+asked for explicitly -- the seeded demonstration base), train the preset's
 trainable parts with AdamW and the paper's per-group learning rates (adapter
-1e-3, projections 1e-4; heads 1e-3, our choice), fit a temperature on the
+1e-3, projections 1e-4; heads 1e-3, our choice), optionally with LoRA on the
+frozen ViT's attention (peft, :mod:`model.finetune`), fit a temperature on the
 validation subjects, evaluate on the test subjects and write, in the run folder::
 
     checkpoint.pt        trainable tensors, optimizer and position (resume)
-    adapter.safetensors  trained tensors + SHA-256 of the base weights (+ temperature)
+    adapter.safetensors  trained tensors + SHA-256 of the base weights (+ temperature);
+    or lora/             with LoRA: peft's format, the same binding in its metadata
     run.json             summary: configuration, base, split, history, test metrics with
                          bootstrap intervals, calibration
     MODEL_CARD.md        the model card (model.card)
@@ -35,7 +38,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.brain_adapter import BrainAdapter, Preset
+from model.adapter_config import Preset
+from model.brain_adapter import BrainAdapter
 from model.calibration import fit_temperature, nll
 from model.card import MODEL_CARD_FILE, write_model_card
 from model.dataset import (
@@ -50,7 +54,15 @@ from model.demo import DEMO_ADAPTER_FILE, DEMO_INFO_FILE, BaseSpec, build_base
 from model.errors import ModelInputError
 from model.evaluate import assess
 from model.feed import Inputs, build_inputs, predict
-from model.finetune import save_adapter_file, trainable_state
+from model.finetune import (
+    ADAPTER_FILE,
+    LORA_DIR,
+    PEFT_PREFIX,
+    apply_lora,
+    save_adapter_file,
+    save_lora,
+    trainable_state,
+)
 from model.types import CLASSES
 
 logger = logging.getLogger(__name__)
@@ -59,10 +71,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-ADAPTER_FILE = "adapter.safetensors"
-
-
 SUMMARY_FILE = "run.json"
+
+__all__ = ["ADAPTER_FILE", "CHECKPOINT_FILE", "LORA_DIR", "SUMMARY_FILE", "TrainConfig", "export_demo", "train"]
 
 
 PROJECTIONS = ("mm_vision_proj", "mm_language_proj", "logit_scale")
@@ -86,12 +97,19 @@ class TrainConfig:
     preset : str
         FPM, TLP or BRAIN_ADAPTER.
     base : str
-        Base model directory; empty: the seeded demonstration base at the cohort's size.
+        Base model directory (e.g. from ``dicom-node model import-m3d-clip``).
+    demo_base : bool
+        Train on the seeded random demonstration base at the cohort's size instead;
+        exactly one of ``base`` and ``demo_base`` must be given.
     base_seed : int
         Seed of the demonstration base.
+    lora_rank : int
+        LoRA rank on the frozen ViT's attention (0: no LoRA).
+    lora_alpha : int or None
+        LoRA alpha; the rank by default (scale 1).
     epochs, batch_size : int
         Epochs and batch size.
-    lr_adapter, lr_projection, lr_head : float
+    lr_adapter, lr_projection, lr_head, lr_lora : float
         AdamW learning rate of each parameter group.
     weight_decay : float
         AdamW weight decay.
@@ -127,12 +145,16 @@ class TrainConfig:
     inputs: str = "mri+note"
     preset: str = Preset.BRAIN_ADAPTER.value
     base: str = ""
+    demo_base: bool = False
     base_seed: int = 0
+    lora_rank: int = 0
+    lora_alpha: int | None = None
     epochs: int = 9
     batch_size: int = 8
     lr_adapter: float = 1e-3
     lr_projection: float = 1e-4
     lr_head: float = 1e-3
+    lr_lora: float = 1e-4
     weight_decay: float = 0.01
     test_fraction: float = 0.3
     val_fraction: float = 0.15
@@ -152,8 +174,10 @@ class TrainConfig:
         Raises
         ------
         ModelInputError
-            On an unknown input mode or preset, or non-positive sizes.
+            On an unknown input mode or preset, non-positive sizes, or no (or two) bases.
         """
+        if self.lora_rank < 0:
+            raise ModelInputError(f"the LoRA rank must not be negative (0: no LoRA), got {self.lora_rank}")
         if self.inputs not in ("mri", "note", "mri+note"):
             raise ModelInputError(f"inputs must be mri, note or mri+note, got {self.inputs!r}")
         if self.preset not in {p.value for p in Preset}:
@@ -162,11 +186,16 @@ class TrainConfig:
             raise ModelInputError("epochs and batch_size must be positive")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ModelInputError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if bool(self.base) == self.demo_base:
+            raise ModelInputError(
+                "train needs either --base MODEL_DIR (e.g. made by `dicom-node model import-m3d-clip`) or "
+                "--demo-base (the seeded random demonstration base)" if not self.base
+                else "train takes --base or --demo-base, not both")
 
 
 def base_spec(config: TrainConfig, size: int) -> BaseSpec:
     """The base a run starts from (see :class:`TrainConfig`)."""
-    if config.base:
+    if not config.demo_base:
         return BaseSpec(kind="dir", path=str(Path(config.base).resolve()))
     return BaseSpec(kind="demo", size=size, seed=config.base_seed, use_note=config.inputs != "mri")
 
@@ -201,18 +230,23 @@ def prepare_model(spec: BaseSpec, preset: str, inputs: str) -> tuple[BrainAdapte
     return model, digest
 
 
-def parameter_groups(model: BrainAdapter, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW parameter groups: adapter, projections, heads, each with its learning rate."""
-    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "projections": [], "heads": []}
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: adapter, projections, heads (and LoRA), each with its learning rate.
+
+    ``model`` is a :class:`BrainAdapter` or its peft wrapper (:func:`model.finetune.apply_lora`).
+    """
+    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "projections": [], "heads": [], "lora": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        top = name.split(".")[0]
-        key = "adapter" if top == "adapter" else "projections" if top in PROJECTIONS else "heads"
-        if top not in ("adapter", *PROJECTIONS, *HEADS):
+        top = name.removeprefix(PEFT_PREFIX).split(".")[0]
+        key = ("lora" if ".lora_" in name else "adapter" if top == "adapter"
+               else "projections" if top in PROJECTIONS else "heads")
+        if key != "lora" and top not in ("adapter", *PROJECTIONS, *HEADS):
             raise ModelInputError(f"unexpected trainable parameter {name}")
         groups[key].append(param)
-    rates = {"adapter": config.lr_adapter, "projections": config.lr_projection, "heads": config.lr_head}
+    rates = {"adapter": config.lr_adapter, "projections": config.lr_projection, "heads": config.lr_head,
+             "lora": config.lr_lora}
     return [{"params": p, "lr": rates[k], "name": k} for k, p in groups.items() if p]
 
 
@@ -305,7 +339,10 @@ def train(config: TrainConfig) -> Path:
     inputs = build_inputs(model, samples, config.inputs)
     if config.data_init if config.data_init is not None else spec.kind == "demo":  # resume overwrites it
         data_dependent_init(model, inputs, fit_idx[:64], device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), weight_decay=config.weight_decay)
+    # With LoRA, ``net`` is the peft wrapper; ``model`` (the same modules) is what predict and loss use.
+    net: torch.nn.Module = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha) if config.lora_rank \
+        else model
+    optimizer = torch.optim.AdamW(parameter_groups(net, config), weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(fit_idx) / config.batch_size)
     epoch, batch_pos, step, history = 0, 0, 0, []
     ckpt_path = out / CHECKPOINT_FILE
@@ -313,20 +350,20 @@ def train(config: TrainConfig) -> Path:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt["base_weights_sha256"] != base_sha:
             raise ModelInputError(f"checkpoint {ckpt_path} belongs to another base model")
-        model.load_state_dict(ckpt["trainable"], strict=False)
+        net.load_state_dict(ckpt["trainable"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, batch_pos, step, history = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["history"]
         torch.set_rng_state(ckpt["torch_rng"])
         logger.info("resumed run %s at epoch %d, batch %d (step %d)", out.name, epoch, batch_pos, step)
 
     def save_checkpoint() -> None:
-        torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch,
+        torch.save({"trainable": trainable_state(net), "optimizer": optimizer.state_dict(), "epoch": epoch,
                     "batch": batch_pos, "step": step, "history": history, "torch_rng": torch.get_rng_state(),
                     "base_weights_sha256": base_sha}, ckpt_path)
 
     stopped = False
     while epoch < config.epochs and not stopped:
-        model.train()
+        net.train()
         t0 = time.perf_counter()
         losses: list[float] = []
         order = list(batches(fit_idx, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch))
@@ -335,7 +372,7 @@ def train(config: TrainConfig) -> Path:
         for idx in bar:
             batch = inputs.batch(idx).to(device)
             with _autocast(config, device):
-                output = model(batch.volume, **batch.model_kwargs())
+                output = net(batch.volume, **batch.model_kwargs())
                 loss = model.loss(output, inputs.labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -355,8 +392,12 @@ def train(config: TrainConfig) -> Path:
     model.eval()
     val = predict(model, inputs, val_idx, config.batch_size)
     temperature = fit_temperature(val.logits, np.asarray([samples[i].label for i in val_idx]))
-    save_adapter_file(model, out / ADAPTER_FILE, base_weights_sha256=base_sha, preset=Preset(config.preset),
-                      metadata={"temperature": repr(temperature), "preprocessing_version": preprocessing})
+    meta = {"temperature": repr(temperature), "preprocessing_version": preprocessing}
+    if config.lora_rank:
+        save_lora(net, out / LORA_DIR, base_weights_sha256=base_sha, preset=Preset(config.preset), metadata=meta)
+    else:
+        save_adapter_file(model, out / ADAPTER_FILE, base_weights_sha256=base_sha, preset=Preset(config.preset),
+                          metadata=meta)
     test = predict(model, inputs, test_idx, config.batch_size, temperature=temperature)
     assessment = assess([samples[i] for i in test_idx], test, temperature, seed=config.seed)
     summary = {
@@ -373,7 +414,9 @@ def train(config: TrainConfig) -> Path:
                   "notes": {part: int(inputs.notes_present[idx].sum()) if idx else 0
                             for part, idx in (("train", fit_idx), ("validation", val_idx), ("test", test_idx))}},
         "trainable_parameters": {g["name"]: sum(p.numel() for p in g["params"])
-                                 for g in parameter_groups(model, config)},
+                                 for g in parameter_groups(net, config)},
+        "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha or config.lora_rank, "folder": LORA_DIR}
+        if config.lora_rank else None,
         "history": history, "temperature": temperature, "test_metrics": assessment["metrics"],
         "test_intervals": assessment["intervals"], "calibration": {
             **assessment["calibration"], "validation_scans": len(val_idx),
@@ -414,8 +457,9 @@ def export_demo(run_dir: Path, demo_dir: Path, *, command: str = "") -> Path:
     """
     summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text(encoding="utf-8"))
     base = BaseSpec.from_dict(summary["base"])
-    if base.kind != "demo" or not base.use_note or not summary["finished"]:
-        raise ModelInputError("only a finished run on the demonstration base with notes can become the demo model")
+    if base.kind != "demo" or not base.use_note or not summary["finished"] or summary.get("lora"):
+        raise ModelInputError("only a finished run on the demonstration base with notes (without LoRA) can "
+                              "become the demo model")
     if 256 % base.size:
         raise ModelInputError(f"the demo model must accept 256^3; trained size {base.size} does not divide 256")
     demo_dir = Path(demo_dir)

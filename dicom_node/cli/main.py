@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     init_demo = model.add_parser("init-demo", parents=[_flags("storage", "model")],
                                  help="write the seeded untrained demonstration model")
     init_demo.add_argument("--out", type=Path, help="target directory (default: the configured model path)")
+    cli_model.add_model_commands(model, _flags())
     sub.add_parser("demo", parents=[everything], help="run the node end to end against a local Orthanc")
     for extension in EXTENSIONS:
         extension.add_commands(sub, _flags(*EXTENSION_FLAGS.get(getattr(extension, "__name__", ""), ())))

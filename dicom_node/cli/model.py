@@ -1,10 +1,14 @@
-"""``dicom-node cohort prepare``, ``train``, ``evaluate`` and ``synth cohort``.
+"""``dicom-node cohort prepare``, ``train``, ``evaluate``, ``synth cohort``, ``model import-m3d-clip``, ``export``.
 
 ``cohort prepare`` runs the node's own selection, conversion and preprocessing,
 with the node's own settings (:mod:`dicom_node.runs.context`), on a labelled
 cohort (:mod:`model.prepare` does the work); ``train`` and ``evaluate`` refuse a
 manifest whose preprocessing differs from the one the node serves with
 (``PREPROCESSING_VERSION`` and the settings' hash, :func:`serving_preprocessing`).
+``train`` needs a base: ``--base DIR`` (``model import-m3d-clip`` makes one from
+M3D-CLIP) or, explicitly, ``--demo-base``; ``model export`` makes a finished run a
+model directory the node serves (trained parts bound to the base, calibration
+temperature applied).
 
 Listed in :data:`dicom_node.cli.main.EXTENSIONS`; torch and the model code are imported
 only when one of these commands runs.
@@ -39,8 +43,15 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, adapter file, run.json)")
     train.add_argument("--inputs", choices=["mri", "note", "mri+note"], default="mri+note")
     train.add_argument("--preset", choices=["FPM", "TLP", "BRAIN_ADAPTER"], default="BRAIN_ADAPTER")
-    train.add_argument("--base", type=Path, help="base model directory (default: seeded demonstration base)")
-    train.add_argument("--base-seed", type=int, default=0)
+    base = train.add_mutually_exclusive_group()
+    base.add_argument("--base", type=Path, help="base model directory (e.g. from `dicom-node model import-m3d-clip`)")
+    base.add_argument("--demo-base", action="store_true",
+                      help="train on the seeded random demonstration base instead (no pretrained weights)")
+    train.add_argument("--base-seed", type=int, default=0, help="seed of the demonstration base")
+    train.add_argument("--lora", type=int, default=0, metavar="R",
+                       help="LoRA of rank R on the frozen ViT's attention (peft; 0: none)")
+    train.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: R)")
+    train.add_argument("--lr-lora", type=float, default=1e-4)
     train.add_argument("--epochs", type=int, default=9)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--lr-adapter", type=float, default=1e-3)
@@ -91,6 +102,60 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     cohort.add_argument("--reference", choices=["mni152", "colin27"], default="mni152")
 
 
+def add_model_commands(model: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``import-m3d-clip`` and ``export`` to the ``model`` command group.
+
+    Parameters
+    ----------
+    model : argparse._SubParsersAction
+        The ``model`` group's sub-command set (made by :mod:`dicom_node.cli.main`).
+    common : argparse.ArgumentParser
+        Parent parser with the common flags.
+    """
+    imp = model.add_parser("import-m3d-clip", parents=[common],
+                           help="make a training base from a local copy of the published M3D-CLIP folder")
+    imp.add_argument("src", type=Path, help="folder: config.json, model.safetensors or pytorch_model.bin, tokenizer")
+    imp.add_argument("--out", type=Path, required=True, help="base model directory to write")
+    imp.add_argument("--text-config", type=Path,
+                     help="BERT config.json of the text tower (default: bert-base-uncased, as published)")
+    imp.add_argument("--input-size", type=int, default=256,
+                     help="edge of the volumes the base receives (default 256, the node's input)")
+    imp.add_argument("--image-only", action="store_true", help="leave the text tower out")
+    imp.add_argument("--name", default="Brain-Adapter base (M3D-CLIP)")
+    imp.add_argument("--version", help="model version (default: from the weights' SHA-256)")
+    export = model.add_parser("export", parents=[common],
+                              help="write a finished training run as a model directory the node serves")
+    export.add_argument("run", type=Path, help="run folder written by `dicom-node train`")
+    export.add_argument("--out", type=Path, required=True, help="model directory to write")
+    export.add_argument("--name", default="Brain-Adapter")
+    export.add_argument("--version", help="model version (default: 0.1.0+<run folder name>)")
+    export.add_argument("--clinical", action="store_true",
+                        help="the site has validated the model: reports drop the demonstration notice "
+                             "(refused for runs on the demonstration base or synthetic data)")
+
+
+def _import_m3d_clip(args: argparse.Namespace) -> int:
+    from model.checkpoint import WEIGHTS_FILE, sha256_file
+    from model.m3d_import import import_m3d_clip
+
+    out = import_m3d_clip(args.src, args.out, text_config=args.text_config, input_size=args.input_size,
+                          use_note=not args.image_only, name=args.name, version=args.version)
+    print(f"base written to {out} (weights sha256 {sha256_file(out / WEIGHTS_FILE)}); "
+          f"train on it with `dicom-node train MANIFEST --base {out} --out RUN`")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from model.export import export_run
+    from model.inference import Predictor
+
+    out = export_run(args.run, args.out, name=args.name, version=args.version, demonstration=not args.clinical)
+    info = Predictor.load(out).info
+    print(f"model written to {out}: {info.name} {info.version}, sha256 {info.weights_sha256}, "
+          f"temperature {info.parameters['temperature']}")
+    return 0
+
+
 def serving_preprocessing(settings: Settings) -> str:
     """The preprocessing identity of the node's serving configuration (version + settings hash).
 
@@ -139,7 +204,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
     config = TrainConfig(
         manifest=str(args.manifest), out_dir=str(args.out), inputs=args.inputs, preset=args.preset,
-        base=str(args.base) if args.base else "", base_seed=args.base_seed, epochs=args.epochs,
+        base=str(args.base) if args.base else "", demo_base=args.demo_base, base_seed=args.base_seed,
+        lora_rank=args.lora, lora_alpha=args.lora_alpha, lr_lora=args.lr_lora, epochs=args.epochs,
         batch_size=args.batch_size, lr_adapter=args.lr_adapter, lr_projection=args.lr_projection,
         lr_head=args.lr_head, weight_decay=args.weight_decay, test_fraction=args.test_fraction,
         val_fraction=args.val_fraction, preprocessing=serving_preprocessing(settings), seed=args.seed,
@@ -194,6 +260,10 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
     int or None
         Exit status, or None.
     """
+    if args.command == "model" and getattr(args, "model_command", None) == "import-m3d-clip":
+        return _import_m3d_clip(args)
+    if args.command == "model" and getattr(args, "model_command", None) == "export":
+        return _export(args)
     if args.command == "cohort" and getattr(args, "cohort_command", None) == "prepare":
         return _cohort_prepare(args, settings)
     if args.command == "train":

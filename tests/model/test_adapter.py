@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from model.brain_adapter import BrainAdapter, BrainAdapterConfig, DepthAdapter, Preset
+from model.adapter_config import BrainAdapterConfig, Preset
+from model.brain_adapter import BrainAdapter, DepthAdapter
 from model.text import TextEncoder, load_text_encoder, packaged_minilm_path
 from model.vit import ViTConfig
 

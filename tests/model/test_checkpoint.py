@@ -10,13 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.brain_adapter import BrainAdapter, BrainAdapterConfig, Preset
+from model.adapter_config import BrainAdapterConfig, Preset
+from model.brain_adapter import BrainAdapter
 from model.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, sha256_file
 from model.errors import ModelLoadError
 from model.inference import Predictor, init_demo_model
 from model.m3d_clip import M3DClip, init_from_m3d_clip, load_m3d_clip, transfer_m3d_clip
 from model.text import load_text_encoder, packaged_minilm_path
 from model.vit import ViTConfig
+from tests.support.m3d_clip import random_state
 
 M3D_CLIP_PARAMETERS = 198_052_609
 
@@ -48,7 +50,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_load_m3d_clip_published_layout_full_size_strict(tmp_path: Path) -> None:
-    state = _random_state()
+    state = random_state("published")  # names and shapes from M3D's own code (the committed fixture)
     assert sum(t.numel() for t in state.values()) == M3D_CLIP_PARAMETERS
     assert {k.split(".")[0] for k in state} == {
         "vision_encoder", "language_encoder", "mm_vision_proj", "mm_language_proj", "logit_scale"

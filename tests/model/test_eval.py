@@ -23,7 +23,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("eval")
     manifest = generate_cohort(root / "cohort", CohortConfig(n_subjects=16, size=32, seed=7))
     run = train(TrainConfig(manifest=str(manifest), out_dir=str(root / "run"), inputs="mri+note", epochs=1,
-                            batch_size=4, progress=False))
+                            batch_size=4, progress=False, demo_base=True))
     return [run, run]  # one run shown twice: side-by-side columns without a second training
 
 

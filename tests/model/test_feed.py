@@ -95,7 +95,7 @@ def test_training_batches_reach_the_model_on_its_device(cohort: Path, tmp_path: 
     monkeypatch.setattr(feed_module, "text_hidden_cache", lambda model, notes: torch.zeros(len(notes), 384))
     with pytest.raises(StopRecordingError):
         train(TrainConfig(manifest=str(cohort), out_dir=str(tmp_path), inputs="mri+note", epochs=1, batch_size=4,
-                          device="meta", data_init=False, progress=False))
+                          device="meta", data_init=False, progress=False, demo_base=True))
     names = {n.split(":")[1] for n, _ in recorder.seen}
     assert names == {"0", "text_hidden", "note_mask"}  # the volume, the note states and the note mask
     assert {d for _, d in recorder.seen} == {META}
@@ -103,7 +103,7 @@ def test_training_batches_reach_the_model_on_its_device(cohort: Path, tmp_path: 
 
 def test_evaluate_runs_on_the_requested_device(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = train(TrainConfig(manifest=str(cohort), out_dir=str(tmp_path / "run"), inputs="mri+note", epochs=1,
-                            batch_size=4, max_steps=1, progress=False))
+                            batch_size=4, max_steps=1, progress=False, demo_base=True))
     recorder = DeviceRecorder()
     load = evaluate_module.load_run
 

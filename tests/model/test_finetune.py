@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.brain_adapter import BrainAdapter, BrainAdapterConfig, Preset
+from model.adapter_config import BrainAdapterConfig, Preset
+from model.brain_adapter import BrainAdapter
 from model.errors import ModelLoadError
 from model.finetune import (
     apply_lora,

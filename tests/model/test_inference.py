@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.brain_adapter import BrainAdapter, BrainAdapterConfig
+from model.adapter_config import BrainAdapterConfig
+from model.brain_adapter import BrainAdapter
 from model.checkpoint import WEIGHTS_FILE, save_model
 from model.errors import ModelInputError, ModelLoadError
 from model.inference import Predictor, init_demo_model

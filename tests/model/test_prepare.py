@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,35 +22,10 @@ from dicom_node.settings import load_settings
 from model.dataset import check_preprocessing, read_manifest
 from model.errors import ModelInputError
 from model.labels import parse_label_map, read_labels
-from pipeline.convert import convert_series
-from tests.support.corpus import write_variant
-
-MULTI_SERIES = "siemens_cor_mprage_oblique"  # a T1 series and a localizer in one study
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    root = tmp_path_factory.mktemp("prepare")
-    files = write_variant(MULTI_SERIES, root / "dicom")
-    convert_series([f for f in files if f.parent.name == "t1"], root / "t1.nii.gz")
-    shutil.copytree(root / "dicom" / MULTI_SERIES / "localizer", root / "localizer_only")
-    (root / "labels.csv").write_text(
-        "scan_id,subject_id,label,scan_date,note,path\n"
-        f"S1,P1,Dementia,2024-03-01,,dicom/{MULTI_SERIES}\n"
-        "S2,P2,EMCI,20240302,MMSE 27/30.,t1.nii.gz\n"
-        "S3,P3,CN,2024-03-04,,localizer_only\n"
-        "S4,P4,AD,2024-03-05,,missing_folder\n", encoding="utf-8")
-    out = root / "cohort"
-    argv = ["cohort", "prepare", str(root / "labels.csv"), "--out", str(out), "--jobs", "2", "--size", "64",
-            "--no-progress"]
-    assert main(argv) == 0
-    first = json.loads((out / "cohort.json").read_text())
-    assert main(argv) == 0  # the second run takes everything it can from the cache
-    return out, root, first["preprocessing_version"]
-
-
-def test_prepare_runs_the_nodes_stages_and_tables_failures(prepared: tuple[Path, Path, str]) -> None:
-    out, root, identity = prepared
+def test_prepare_runs_the_nodes_stages_and_tables_failures(scanner_cohort: tuple[Path, Path, str]) -> None:
+    out, root, identity = scanner_cohort
     rows = list(csv.DictReader((out / "manifest.csv").open()))
     assert [r["scan_id"] for r in rows] == ["S1", "S2"]
     assert [r["label"] for r in rows] == ["AD", "MCI"]  # converters: Dementia -> AD, EMCI -> MCI
@@ -72,16 +46,16 @@ def test_prepare_runs_the_nodes_stages_and_tables_failures(prepared: tuple[Path,
     assert np.array_equal(volumes[0], volumes[1])
 
 
-def test_second_run_comes_from_the_cache(prepared: tuple[Path, Path, str]) -> None:
-    out, _, _ = prepared
+def test_second_run_comes_from_the_cache(scanner_cohort: tuple[Path, Path, str]) -> None:
+    out, _, _ = scanner_cohort
     info = json.loads((out / "cohort.json").read_text())
     assert info["prepared"] == 2 and info["failed"] == 2
     assert info["cached"] == 3  # 2 volumes + the node's refusal of S3; a missing path is tried again
     assert info["labels"] == {"AD": 1, "MCI": 1, "CN": 0}
 
 
-def test_preprocessing_version_is_the_serving_configurations(prepared: tuple[Path, Path, str]) -> None:
-    out, _, identity = prepared
+def test_preprocessing_version_is_the_serving_configurations(scanner_cohort: tuple[Path, Path, str]) -> None:
+    out, _, identity = scanner_cohort
     settings = load_settings(environ={})
     assert identity == serving_preprocessing(settings) and identity.startswith(PREPROCESSING_VERSION + "+")
     samples = read_manifest(out / "manifest.csv")
@@ -92,12 +66,13 @@ def test_preprocessing_version_is_the_serving_configurations(prepared: tuple[Pat
         check_preprocessing(samples, other)
 
 
-def test_train_and_evaluate_refuse_another_serving_preprocessing(prepared: tuple[Path, Path, str],
+def test_train_and_evaluate_refuse_another_serving_preprocessing(scanner_cohort: tuple[Path, Path, str],
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    out, root, _ = prepared
+    out, root, _ = scanner_cohort
     monkeypatch.setenv("DICOM_NODE_PROCESSING__N4", "false")
-    assert main(["train", str(out / "manifest.csv"), "--out", str(root / "run"), "--no-progress"]) == 2
+    assert main(["train", str(out / "manifest.csv"), "--out", str(root / "run"), "--demo-base",
+                 "--no-progress"]) == 2
     assert "not preprocessed as the node preprocesses" in capsys.readouterr().err
     assert not (root / "run" / "run.json").exists()
 

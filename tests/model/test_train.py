@@ -70,7 +70,7 @@ def test_manifest_needs_its_columns(tmp_path: Path) -> None:
 def test_train_checkpoints_and_resumes(manifest: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = TrainConfig(manifest=str(manifest), out_dir=str(run), inputs="mri+note", epochs=2, batch_size=4,
-                         max_steps=2, progress=False, activation_checkpointing=True)
+                         max_steps=2, progress=False, activation_checkpointing=True, demo_base=True)
     train(config)
     summary = json.loads((run / "run.json").read_text())
     assert (run / "checkpoint.pt").is_file() and (run / "adapter.safetensors").is_file()
