@@ -22,14 +22,14 @@ logger = logging.getLogger(__name__)
 
 def _resolve(host: str) -> frozenset[str]:
     try:
-        return frozenset({str(ipaddress.ip_address(host))})
+        return frozenset({_normalise_ip(str(ipaddress.ip_address(host)))})  # a pin compares as peers do
     except ValueError:
         pass
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise ConfigError(f"network.allowed_calling_ae_titles: host {host!r} cannot be resolved ({exc})") from exc
-    return frozenset(str(info[4][0]) for info in infos)
+    return frozenset(_normalise_ip(str(info[4][0])) for info in infos)
 
 
 def _normalise_ip(address: str) -> str:

@@ -439,18 +439,33 @@ def database_outage(root: Path, pacs: LocalOrthanc, model: Path, *, postgres_url
 
 
 def scan_logs_for_phi(paths: list[Path], studies_phi: list[tuple[str, ...]]) -> Findings:
-    """No patient name, ID, birth date or note text in any log."""
+    """No patient name, ID, birth date or note text in any log.
+
+    A scan that had nothing to scan proves nothing, so it is a problem too: a log
+    file that is missing, no log with any content, or nothing to look for.
+    """
     findings = Findings("privacy")
     needles = {value for values in studies_phi for value in values if value}
     hits: Counter[str] = Counter()
+    scanned = empty = 0
     for path in paths:
-        if not path.exists():
+        if not path.is_file():
+            findings.problems.append(f"log file {path} is missing: nothing to scan")
             continue
         text = path.read_text(errors="replace")
+        if not text.strip():
+            empty += 1
+            continue
+        scanned += 1
         for needle in needles:
             if needle in text:
                 hits[path.name] += text.count(needle)
-    findings.figures["log files scanned"] = len([p for p in paths if p.exists()])
+    if not scanned:
+        findings.problems.append(f"no log with any content among {len(paths)} file(s): nothing to scan")
+    if not needles:
+        findings.problems.append("no patient data to look for")
+    findings.figures["log files scanned"] = scanned
+    findings.figures["empty log files"] = empty
     findings.figures["patient identifiers found"] = sum(hits.values())
     if hits:
         findings.problems.append(f"patient data in logs: {dict(hits)}")

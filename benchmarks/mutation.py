@@ -1,0 +1,194 @@
+"""Mutation testing of the modules whose decisions matter: ``make mutation``.
+
+Runs mutmut (``requirements-mutation.txt``; its configuration is the ``[mutmut]``
+section of ``setup.cfg``) on one module at a time, each mutant against the tests
+of the selection that call the mutated function, then prints, per module, how
+many mutants the tests killed, and every survivor.  The score leaves out the
+mutants that ``EQUIVALENT`` names (a mutant that behaves exactly like the
+original cannot be killed); ``docs/mutation.md`` says why each of them is
+equivalent.  Mutant names carry a per-function number that changes when the
+function changes: a listed name that no longer survives is reported as stale.
+
+Usage::
+
+    python -m benchmarks.mutation [--module completeness ...] [--max-children 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Module short name -> source file, in the order they run (the SR builder last).
+MODULES: dict[str, str] = {
+    "completeness": "dicom_node/ingest/completeness.py",
+    "select": "pipeline/select.py",
+    "uids": "structured_reports/uids.py",
+    "access": "dicom_node/net/access.py",
+    "delivery": "dicom_node/outbox/delivery.py",
+    "routing": "dicom_node/outbox/routing.py",
+    "identity": "dicom_node/ingest/identity.py",
+    "sr": "structured_reports/sr.py",
+}
+
+#: Surviving mutants that behave exactly like the original (the reason for each is in docs/mutation.md).
+EQUIVALENT: dict[str, str] = {
+    "dicom_node.ingest.completeness.x__check_stack__mutmut_30":
+        "dtype=None: the positions are Python floats, numpy makes float64 anyway",
+    "dicom_node.ingest.completeness.x__check_stack__mutmut_32":
+        "dtype dropped: the same float64 array",
+    "dicom_node.ingest.completeness.x_evaluate_series__mutmut_55":
+        "AcquisitionNumber default None: only names the bucket of a missing number",
+    "dicom_node.ingest.completeness.x_evaluate_series__mutmut_57":
+        "AcquisitionNumber default dropped (None): the same bucket count",
+    "dicom_node.ingest.completeness.x_evaluate_series__mutmut_61":
+        "AcquisitionNumber default 'XXXX': the same bucket count",
+    "dicom_node.ingest.completeness.x__headers__mutmut_4":
+        "stop_before_pixels=None: reads more, decides the same",
+    "dicom_node.ingest.completeness.x__headers__mutmut_5":
+        "specific_tags=None: reads every tag, decides the same",
+    "dicom_node.ingest.completeness.x__headers__mutmut_7":
+        "stop_before_pixels dropped: reads more, decides the same",
+    "dicom_node.ingest.completeness.x__headers__mutmut_8":
+        "specific_tags dropped: reads every tag, decides the same",
+    "dicom_node.ingest.completeness.x__headers__mutmut_10":
+        "stop_before_pixels=False: reads more, decides the same",
+    "dicom_node.ingest.completeness.x_complete_quiet_series__mutmut_36":
+        "a receiving series never keeps a record saying complete with an unchanged count",
+    "dicom_node.ingest.completeness.x_complete_quiet_series__mutmut_37":
+        "as _36",
+    "dicom_node.ingest.completeness.x_complete_quiet_series__mutmut_38":
+        "as _36",
+    "dicom_node.ingest.completeness.x_complete_quiet_series__mutmut_108":
+        "the condition only guards a log line",
+    "dicom_node.ingest.completeness.x_create_runs__mutmut_22":
+        "only membership of running/queued in the set is tested",
+    "dicom_node.ingest.completeness.x_create_runs__mutmut_34":
+        "session.scalar takes the first row: limit(None) gives the same",
+    "dicom_node.ingest.completeness.x_create_runs__mutmut_43":
+        "session.scalar takes the first row: limit(2) gives the same",
+    "dicom_node.ingest.completeness.x_create_runs__mutmut_39":
+        "reached only when the study has no queued or running run: only finished runs remain",
+    "dicom_node.ingest.completeness.x_create_runs__mutmut_47":
+        "state=None: the column default (queued) applies",
+    "dicom_node.ingest.completeness.x_create_runs__mutmut_52":
+        "state dropped: the column default (queued) applies",
+    "dicom_node.ingest.completeness.x_study_input_lossy__mutmut_3":
+        "session.scalar takes the first row: limit(None) gives the same",
+    "dicom_node.ingest.completeness.x_study_input_lossy__mutmut_17":
+        "session.scalar takes the first row: limit(2) gives the same",
+    "structured_reports.uids.x_derive_uid__mutmut_20":
+        "separators: the name is a JSON list of strings, it has no key/value separator",
+    "dicom_node.net.access.x__resolve__mutmut_10":
+        "the protocol filter only removes duplicate addresses; the set dedups them",
+    "dicom_node.net.access.x__resolve__mutmut_4":
+        "an address literal resolves to itself through getaddrinfo",
+    "dicom_node.outbox.delivery.x_deliver_due__mutmut_7":
+        "the state filter is repeated by _claim, which refuses anything not pending",
+    "dicom_node.outbox.delivery.x_deliver_due__mutmut_8":
+        "the due-time filter is repeated by _claim, which refuses anything not due",
+    "dicom_node.outbox.delivery.x_attempt__mutmut_29":
+        "a failed result without a class is recorded as local_error by _record",
+    "dicom_node.outbox.delivery.x_attempt__mutmut_32":
+        "as _29",
+    "dicom_node.outbox.delivery.x_attempt__mutmut_36":
+        "as _29",
+}
+
+#: mutmut's exit codes, as ``mutmut.stats.status_by_exit_code`` reads them.
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "type check", -11: "segfault",
+          -9: "segfault"}
+_SPINNER = re.compile(r"[\u2800-\u28ff][^\n\u2800-\u28ff]*")
+
+
+@dataclass
+class Score:
+    """The outcome of one module's mutants."""
+
+    module: str
+    counts: Counter[str]
+    survivors: list[str]
+    equivalent: list[str]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def killed(self) -> int:
+        return self.counts["killed"] + self.counts["timeout"]
+
+    @property
+    def score(self) -> float:
+        """Killed among the mutants that are not equivalent."""
+        candidates = self.total - len(self.equivalent)
+        return self.killed / candidates if candidates else 1.0
+
+
+def dotted(path: str) -> str:
+    return path.removesuffix(".py").replace("/", ".")
+
+
+def run_module(source: str, max_children: int, log: Path) -> int:
+    """``mutmut run`` on the mutants of one source file; mutmut's progress goes to *log*."""
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), f"{dotted(source)}.*"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    log.write_text(_SPINNER.sub("", result.stdout) + result.stderr)
+    return result.returncode
+
+
+def score(module: str, source: str) -> Score:
+    """Count the results mutmut recorded for *source* (``mutants/<source>.meta``)."""
+    meta = Path("mutants") / f"{source}.meta"
+    codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+    counts: Counter[str] = Counter(STATUS.get(code, "suspicious") if code is not None else "not checked"
+                                   for code in codes.values())
+    not_killed = sorted(name for name, code in codes.items()
+                        if code is None or STATUS.get(code) not in ("killed", "timeout"))
+    equivalent = [name for name in not_killed if name in EQUIVALENT]
+    return Score(module, counts, [n for n in not_killed if n not in EQUIVALENT], equivalent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--module", action="append", choices=list(MODULES), help="only these modules")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--report-only", action="store_true", help="summarise the results mutmut recorded")
+    parser.add_argument("--min-score", type=float, default=0.85, help="fail below this score")
+    args = parser.parse_args(argv)
+    logs = Path("var/mutation")
+    logs.mkdir(parents=True, exist_ok=True)
+    chosen = args.module or list(MODULES)
+    for module in chosen:
+        if not args.report_only:
+            print(f"mutating {MODULES[module]} ...", flush=True)
+            code = run_module(MODULES[module], args.max_children, logs / f"{module}.log")
+            if code != 0:
+                print(f"  mutmut exited with {code}; see {logs / f'{module}.log'}", flush=True)
+    scores = [score(module, MODULES[module]) for module in chosen]
+    print("\n| module | mutants | killed | survived | no tests | equivalent | score |\n|---|---|---|---|---|---|---|")
+    for s in scores:
+        print(f"| {MODULES[s.module]} | {s.total} | {s.killed} | {s.counts['survived']} | {s.counts['no tests']} "
+              f"| {len(s.equivalent)} | {100 * s.score:.1f} % |")
+    for s in scores:
+        if s.survivors:
+            print(f"\n{MODULES[s.module]}: not killed, not known equivalent (`mutmut show NAME`):")
+            for name in s.survivors:
+                print(f"  {name}")
+    known = {n for s in scores for n in s.equivalent}
+    stale = sorted(n for n in EQUIVALENT if n not in known and any(n.startswith(dotted(MODULES[m])) for m in chosen))
+    if stale:
+        print("\nlisted as equivalent but killed or gone (renumbered?): " + ", ".join(stale))
+    low = [s for s in scores if s.total and s.score < args.min_score]
+    return 1 if low else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
