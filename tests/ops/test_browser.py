@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from dicom_node.app import Node
@@ -121,8 +123,9 @@ def test_admin_view_in_a_browser(node: Node, browser: Any) -> None:
     buttons = b.find_elements(By.CSS_SELECTOR, "#dead-letters button")
     assert len(buttons) == 2
     delivery_id = int(buttons[0].get_attribute("id").removeprefix("retry-"))
-    buttons[0].click()
-    assert f"Delivery {delivery_id} queued" in b.find_element(By.ID, "flash").text
+    buttons[0].click()  # a POST, then the redirected page: wait for it, not for the click to return
+    flash = WebDriverWait(b, 60).until(expected_conditions.presence_of_element_located((By.ID, "flash")))
+    assert f"Delivery {delivery_id} queued" in flash.text
     with node.db.sessions() as session:
         row = session.get(Delivery, delivery_id)
         assert row is not None and row.state in ("pending", "dead")  # replayed (and maybe tried again)
