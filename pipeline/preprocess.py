@@ -251,6 +251,12 @@ class QCCheck:
         """Whether the value is within its limit."""
         return self.value >= self.limit if self.comparison == ">=" else self.value <= self.limit
 
+    @property
+    def measured(self) -> str:
+        """The value as a reader sees it: slices as a count, a length in its unit to 0.01, a ratio to 0.001."""
+        digits = 0 if self.key == "slices" else 2 if self.unit else 3
+        return f"{self.value:.{digits}f}{self.unit}"
+
 
 def qc_checks(qc: dict[str, float], config: PreprocessConfig) -> tuple[QCCheck, ...]:
     """The measured QC values of :attr:`Preprocessed.qc` with their limits, in :data:`QC_LIMITS` order.

@@ -194,10 +194,9 @@ def requirement_text(report: ReportInput) -> str:
 
 def qc_value_text(check: QCCheck) -> str:
     """A QC value and its limit: ``slice thickness 1.00 mm (at most 1.5 mm)``."""
-    digits = 0 if check.key == "slices" else 2 if check.unit else 3
     bound = "at least" if check.comparison == ">=" else "at most"
     flag = "" if check.ok else ", OUTSIDE THE LIMIT"
-    return f"{check.label} {check.value:.{digits}f}{check.unit} ({bound} {check.limit:g}{check.unit}{flag})"
+    return f"{check.label} {check.measured} ({bound} {check.limit:g}{check.unit}{flag})"
 
 
 def qc_text(report: ReportInput) -> str:

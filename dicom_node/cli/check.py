@@ -38,11 +38,9 @@ from pydicom.uid import MediaStorageDirectoryStorage
 from core.errors import NodeError, NotAnalysed, Outcome
 from dicom_node.cli.checkreport import (
     Instance,
-    QCValue,
     Scan,
     SeriesCheck,
     StudyCheck,
-    measured_text,
     scan_text,
     series_number_text,
     skipped_text,
@@ -399,7 +397,7 @@ def _convert_and_preprocess(study: StudyCheck, items: Sequence[Instance], config
     study.stage_seconds.update({f"preprocessing.{k}": round(v, 3) for k, v in pre.stage_seconds.items()})
     study.preprocessed = True
     study.qc_source = "preprocessing"
-    study.qc = [QCValue(q.key, q.label, q.value, q.limit, q.comparison, q.unit) for q in qc_checks(pre.qc, config)]
+    study.qc = list(qc_checks(pre.qc, config))
     if pre.registered is None:
         study.png_error = "no registered volume (keep_registered is off)"
         return
@@ -414,9 +412,9 @@ def _convert_and_preprocess(study: StudyCheck, items: Sequence[Instance], config
 def _geometry_qc(study: StudyCheck, config: PreprocessConfig, slices: float, thickness: float) -> None:
     """``--no-preprocess``: the QC limits measurable on the converted volume (as preprocessing measures them)."""
     study.qc_source = "converted volume"
-    study.qc = [QCValue("slices", "slices", slices, float(config.min_slices), ">="),
-                QCValue("slice_thickness_mm", "slice thickness", thickness, float(config.max_slice_thickness_mm),
-                        "<=", " mm")]
+    from pipeline.preprocess import qc_checks
+
+    study.qc = list(qc_checks({"slices": slices, "slice_thickness_mm": thickness}, config))
     for value, what in zip(study.qc, ("too few slices", "slices too thick"), strict=True):
         if not value.ok:  # the wording of pipeline.preprocess
             study.not_analysed(Outcome.QC_FAILED.value, f"{what}: measured {value.value:.3g}{value.unit}, "
@@ -461,7 +459,7 @@ def write_key_slices(study: StudyCheck, registered: Any, config: PreprocessConfi
                  fontsize=10)
     for index, key in enumerate(slices):
         draw_key_slice(fig.add_axes((0.02 + index * 0.33, 0.14, 0.29, 0.66)), key)
-    qc = ", ".join(f"{q.label} {measured_text(q)}" for q in study.qc)
+    qc = ", ".join(f"{q.label} {q.measured}" for q in study.qc)
     fig.text(0.02, 0.06, f"{OUTLINE_CAPTION}\nQC: {qc}", fontsize=8, color="#555555", va="center")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / png_name(study.study_instance_uid)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom import Dataset
 
 if TYPE_CHECKING:
+    from pipeline.preprocess import QCCheck
     from pipeline.select import SeriesDecision
 
 
@@ -42,23 +43,6 @@ class Scan:
     def skip(self, why: str) -> None:
         """Count a skipped file."""
         self.skipped[why] = self.skipped.get(why, 0) + 1
-
-
-@dataclass
-class QCValue:
-    """One QC measurement next to its limit."""
-
-    name: str
-    label: str
-    value: float
-    limit: float
-    comparison: str
-    unit: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """Whether the value is within its limit."""
-        return self.value >= self.limit if self.comparison == ">=" else self.value <= self.limit
 
 
 @dataclass
@@ -91,7 +75,7 @@ class StudyCheck:
     outcome: str | None = None
     reason: str | None = None
     converted: dict[str, Any] | None = None
-    qc: list[QCValue] = field(default_factory=list)
+    qc: list[QCCheck] = field(default_factory=list)
     qc_source: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     png: Path | None = None
@@ -115,12 +99,6 @@ class StudyCheck:
 def series_number_text(series: SeriesCheck) -> str:
     """The series number, ``?`` when the header has none."""
     return "?" if series.series_number is None else str(series.series_number)
-
-
-def measured_text(q: QCValue) -> str:
-    """A measured QC value: slices as a count, a thickness in mm to 0.01, the rest to 0.001."""
-    digits = 0 if q.name == "slices" else 2 if q.unit else 3
-    return f"{q.value:.{digits}f}{q.unit}"
 
 
 def skipped_text(skipped: dict[str, int]) -> str:
@@ -168,7 +146,7 @@ def study_text(study: StudyCheck) -> str:
     if study.qc:
         lines.append(f"  QC ({study.qc_source}):")
         for q in study.qc:
-            lines.append(f"    {q.label:22} {measured_text(q):>8}   limit {q.comparison} {f'{q.limit:g}{q.unit}':<8} "
+            lines.append(f"    {q.label:22} {q.measured:>8}   limit {q.comparison} {f'{q.limit:g}{q.unit}':<8} "
                          f"{'ok' if q.ok else 'FAILED'}")
     if study.stage_seconds:
         lines.append(f"  stage times: {_seconds_text(study.stage_seconds)}")
@@ -222,7 +200,7 @@ def _study_json(study: StudyCheck) -> dict[str, Any]:
         "series": [_series_json(s) for s in study.series],
         "converted": study.converted,
         "qc_source": study.qc_source or None,
-        "qc": {q.name: {"value": q.value, "limit": q.limit, "comparison": q.comparison, "ok": q.ok}
+        "qc": {q.key: {"value": q.value, "limit": q.limit, "comparison": q.comparison, "ok": q.ok}
                for q in study.qc},
         "stage_seconds": study.stage_seconds,
         "key_slices_png": None if study.png is None else str(study.png),

@@ -164,14 +164,7 @@ def test_each_series_has_its_own_quiet_period(database: Database, tmp_path: Path
 def test_an_incomplete_series_waits_for_the_incomplete_limit_then_closes_timed_out(
         database: Database, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     series = _spool(database, tmp_path, GAP)
-    checks: list[int] = []
-    evaluate = completeness.evaluate_series
-
-    def counting(headers: Any) -> Verdict:
-        checks.append(len(headers))
-        return evaluate(headers)
-
-    monkeypatch.setattr(completeness, "evaluate_series", counting)
+    checks = _counting(monkeypatch)
     clock.at(QUIET_S)
     assert complete_quiet_series(database.sessions, QUIET_S, LIMIT_S) == 0
     row = series.row()

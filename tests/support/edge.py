@@ -7,7 +7,6 @@ and to no others.
 
 from __future__ import annotations
 
-import logging
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from dicom_node.net.scp import StorageServer
 from dicom_node.settings import Settings
 from pipeline.synth import StudyHeader, write_mr_series
 from tests.conftest import require_tool
+from tests.support.logs import logs_free_of
 
 #: Test patients of the edge tests; none of these strings may appear in any log record.
 PATIENTS = [
@@ -38,30 +38,11 @@ PATIENTS = [
 PHI = [s for p in PATIENTS for s in (p.patient_id, p.accession_number, p.patient_name, p.patient_name.split("^")[1])]
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-
 @pytest.fixture(autouse=True)
 def no_patient_data_in_logs() -> Iterator[None]:
     """Every log record of the node (DEBUG) and pynetdicom (INFO) during a test is free of patient data."""
-    handler = _Collect()
-    root = logging.getLogger()
-    levels = {name: logging.getLogger(name).level for name in ("dicom_node", "pynetdicom")}
-    logging.getLogger("dicom_node").setLevel(logging.DEBUG)
-    logging.getLogger("pynetdicom").setLevel(logging.INFO)
-    root.addHandler(handler)
-    yield
-    root.removeHandler(handler)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    leaked = [line for line in handler.lines if any(s in line for s in PHI)]
-    assert not leaked, leaked[:3]
+    with logs_free_of(PHI, debug=("dicom_node",)):
+        yield
 
 
 def mr_series(directory: Path, patient: int = 0, slices: int = 6, series_number: int = 3,

@@ -11,7 +11,6 @@ patients reaches a log record.
 
 from __future__ import annotations
 
-import logging
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from dicom_node.cli.localpacs import LocalOrthanc, free_port
 from dicom_node.statuses import StoreStatus
 from pipeline.synth import StudyHeader, write_mr_series
 from tests.conftest import require_tool
+from tests.support.logs import logs_free_of
 
 NODE_AE = "AD_NODE"
 PID_A, PID_B = "QR-PID-A-0001", "QR-PID-B-0002"
@@ -135,27 +135,8 @@ def storage_scp(port: int, ae_title: str = NODE_AE) -> Iterator[list[pydicom.Dat
         server.shutdown()
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-
 @pytest.fixture(autouse=True)
 def no_patient_data_in_qr_logs() -> Iterator[None]:
     """Every log record of the node (DEBUG) and pynetdicom (INFO) during a test is free of :data:`PHI`."""
-    handler = _Collect()
-    root = logging.getLogger()
-    levels = {name: logging.getLogger(name).level for name in ("dicom_node", "pipeline", "pynetdicom")}
-    for name in levels:
-        logging.getLogger(name).setLevel(logging.INFO if name == "pynetdicom" else logging.DEBUG)
-    root.addHandler(handler)
-    yield
-    root.removeHandler(handler)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    leaked = [line for line in handler.lines if any(s in line for s in PHI)]
-    assert not leaked, leaked[:3]
+    with logs_free_of(PHI, debug=("dicom_node", "pipeline")):
+        yield
