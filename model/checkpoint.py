@@ -23,7 +23,6 @@ weights) and the served probabilities are ``softmax(logits / temperature)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -40,12 +39,11 @@ from torch import nn
 from model.adapter_config import BrainAdapterConfig, Preset
 from model.brain_adapter import BrainAdapter
 from model.errors import ModelLoadError
+from model.identity import MANIFEST_FILE, WEIGHTS_FILE, model_identity, sha256_file, trained_files
 from model.text import load_text_encoder, save_text_encoder_files
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "brain_adapter.json"
-WEIGHTS_FILE = "model.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"
 FORMAT = "brain-adapter-model"
 FORMAT_VERSION = 1
@@ -103,26 +101,6 @@ class ModelManifest:
         if self.source is not None:
             doc["source"] = dict(self.source)
         return doc
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex SHA-256 of a file, read in chunks.
-
-    Parameters
-    ----------
-    path : Path
-        The file.
-
-    Returns
-    -------
-    str
-        64 hex digits.
-    """
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_model(
@@ -316,37 +294,6 @@ def strict_load(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
         raise ModelLoadError(f"checkpoint {source} cannot be loaded: {exc}") from exc
 
 
-def model_identity(base_sha256: str, trained_files: Mapping[str, str], temperature: float) -> str:
-    """SHA-256 identifying a base, the trained parts on it and the temperature together.
-
-    Parameters
-    ----------
-    base_sha256 : str
-        SHA-256 of ``model.safetensors``.
-    trained_files : Mapping
-        Relative path to SHA-256 of every file of the trained parts.
-    temperature : float
-        Served temperature.
-
-    Returns
-    -------
-    str
-        The base's own SHA-256 when there is nothing on top of it; otherwise the
-        SHA-256 of a canonical JSON of the three.
-    """
-    if not trained_files and temperature == 1.0:
-        return base_sha256
-    doc = json.dumps({"base": base_sha256, "trained": dict(sorted(trained_files.items())),
-                      "temperature": repr(float(temperature))}, sort_keys=True)
-    return hashlib.sha256(doc.encode("utf-8")).hexdigest()
-
-
-def _trained_files(root: Path) -> dict[str, str]:
-    """Relative path to SHA-256 of a trained-parts file, or of every file under a folder."""
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    return {p.relative_to(root.parent).as_posix(): sha256_file(p) for p in files}
-
-
 def apply_trained(model: BrainAdapter, model_dir: Path, trained: Mapping[str, str],
                   base_sha256: str) -> tuple[BrainAdapter, dict[str, str]]:
     """Apply a model directory's trained parts to its loaded base.
@@ -382,7 +329,7 @@ def apply_trained(model: BrainAdapter, model_dir: Path, trained: Mapping[str, st
     path = Path(model_dir) / trained["path"]
     if not path.exists():
         raise ModelLoadError(f"trained parts not found: {path}")
-    files = _trained_files(path)
+    files = trained_files(path)
     model.config = replace(model.config, preset=Preset(trained["preset"]))
     model.apply_preset()
     if trained["kind"] == "lora":

@@ -4,9 +4,9 @@
   predictor knows name, version and weights hash.
 * worker processes (the default): the node's process loads no model; each worker
   reports the name of the model it loaded when it is ready.  Version and weights
-  hash are read from the model directory the workers loaded (``model.path``):
-  the manifest's name and version and the SHA-256 of the weights file, the same
-  hash the workers computed -- without loading any weights (nor torch) here.
+  hash are read from the model directory the workers loaded (``model.path``) by
+  :func:`model.identity.model_dir_identity`, the function loading uses (base weights,
+  trained parts and temperature) -- without loading any weights (nor torch) here.
 * Celery (``dicom-node worker`` on other machines): the listener cannot know; the
   metrics show the model of the most recent finished run from the database
   (:mod:`dicom_node.ops.metrics`, ``source="last_run"``).
@@ -14,53 +14,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from dicom_node.settings import Settings
+from model.identity import MANIFEST_FILE, WEIGHTS_FILE, model_dir_identity
+
+#: The model package's file names, re-exported: this module reads the directory those name.
+__all__ = ["MANIFEST_FILE", "WEIGHTS_FILE", "Identity", "ModelIdentity", "read_model_dir"]
 
 logger = logging.getLogger(__name__)
 
-#: ``model.checkpoint.MANIFEST_FILE`` and ``WEIGHTS_FILE`` (not imported: that module imports torch,
-#: which the listener's process does not load; tests/ops/test_modelinfo.py checks they agree).
-MANIFEST_FILE = "brain_adapter.json"
-WEIGHTS_FILE = "model.safetensors"
-
 Identity = dict[str, str]
 
-
-def read_model_dir(model_dir: Path) -> Identity:
-    """Name, version and weights SHA-256 of a model directory, without loading the weights.
-
-    Parameters
-    ----------
-    model_dir : Path
-        A model directory (``brain_adapter.json`` and ``model.safetensors``).
-
-    Returns
-    -------
-    dict
-        ``name``, ``version`` and ``weights_sha256``.
-
-    Raises
-    ------
-    OSError
-        A file is missing or unreadable.
-    ValueError
-        The manifest is not a JSON object with a name and a version.
-    """
-    manifest = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-    if not isinstance(manifest, dict) or "name" not in manifest or "version" not in manifest:
-        raise ValueError(f"{model_dir / MANIFEST_FILE} has no name and version")
-    digest = hashlib.sha256()
-    with (model_dir / WEIGHTS_FILE).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return {"name": str(manifest["name"]), "version": str(manifest["version"]), "weights_sha256": digest.hexdigest()}
+#: Name, version and identity SHA-256 of a model directory, computed as loading it computes them (no torch).
+read_model_dir = model_dir_identity
 
 
 class ModelIdentity:

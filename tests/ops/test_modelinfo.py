@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -55,6 +56,19 @@ def test_model_dir_read_without_loading_matches_what_a_worker_loads(model_dir: P
     assert read_model_dir(model_dir) == loaded
     with pytest.raises(FileNotFoundError, match=r"brain_adapter\.json"):
         read_model_dir(model_dir.parent / "nowhere")
+
+
+def test_model_dir_with_a_temperature_read_without_loading_matches_what_a_worker_loads(
+        model_dir: Path, tmp_path: Path) -> None:
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(model_dir, calibrated)
+    manifest = calibrated / checkpoint.MANIFEST_FILE
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text(encoding="utf-8")), "temperature": 1.5}),
+                        encoding="utf-8")
+    info = Predictor.load(calibrated).info
+    assert read_model_dir(model_dir)["weights_sha256"] != info.weights_sha256  # the temperature is in the identity
+    assert read_model_dir(calibrated) == {"name": info.name, "version": info.version,
+                                          "weights_sha256": info.weights_sha256}
 
 
 def test_identity_by_mode(tmp_path: Path, model_dir: Path, loaded: dict[str, str]) -> None:
