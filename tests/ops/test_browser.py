@@ -81,6 +81,11 @@ def browser() -> Iterator[Any]:
     chrome.quit()
 
 
+def _wait_for(b: Any, element_id: str) -> Any:
+    """The element once the page that holds it has loaded (clicks return before navigation ends)."""
+    return WebDriverWait(b, 60).until(expected_conditions.presence_of_element_located((By.ID, element_id)))
+
+
 def test_admin_view_in_a_browser(node: Node, browser: Any) -> None:
     assert node.http is not None
     base = node.http.url
@@ -98,8 +103,8 @@ def test_admin_view_in_a_browser(node: Node, browser: Any) -> None:
 
     # the run's page, reached by clicking its short id
     b.get(base + "/runs?accession=BROWSER-ACC-7")
-    b.find_element(By.CSS_SELECTOR, "#runs tbody a").click()
-    selection = b.find_element(By.ID, "selection").text
+    b.find_element(By.CSS_SELECTOR, "#runs tbody a").click()  # a navigation: wait for the run's page
+    selection = _wait_for(b, "selection").text
     assert "localizer" in selection and "refused" in selection
     assert "dead" in b.find_element(By.ID, "deliveries").text
     timeline = b.find_element(By.ID, "timeline").text
@@ -113,8 +118,9 @@ def test_admin_view_in_a_browser(node: Node, browser: Any) -> None:
     assert not b.find_elements(By.CSS_SELECTOR, "#dead-letters button")
     b.get(base + "/login")
     b.find_element(By.ID, "token").send_keys(TOKEN)
-    b.find_element(By.ID, "login").click()
-    assert PATIENT.patient_id in b.find_element(By.ID, "runs").text
+    b.find_element(By.ID, "login").click()  # a POST, then the redirected runs page
+    WebDriverWait(b, 60).until(
+        expected_conditions.text_to_be_present_in_element((By.ID, "runs"), PATIENT.patient_id))
     if os.environ.get("DICOM_NODE_SCREENSHOTS") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         b.get(base + "/runs")
@@ -124,7 +130,7 @@ def test_admin_view_in_a_browser(node: Node, browser: Any) -> None:
     assert len(buttons) == 2
     delivery_id = int(buttons[0].get_attribute("id").removeprefix("retry-"))
     buttons[0].click()  # a POST, then the redirected page: wait for it, not for the click to return
-    flash = WebDriverWait(b, 60).until(expected_conditions.presence_of_element_located((By.ID, "flash")))
+    flash = _wait_for(b, "flash")
     assert f"Delivery {delivery_id} queued" in flash.text
     with node.db.sessions() as session:
         row = session.get(Delivery, delivery_id)
