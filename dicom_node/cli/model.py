@@ -46,8 +46,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     base = train.add_mutually_exclusive_group()
     base.add_argument("--base", type=Path, help="base model directory (e.g. from `dicom-node model import-m3d-clip`)")
     base.add_argument("--demo-base", action="store_true",
-                      help="train on the seeded random demonstration base instead (no pretrained weights)")
+                      help="train on the demonstration base instead (seeded; its ViT random unless --demo-vision)")
     train.add_argument("--base-seed", type=int, default=0, help="seed of the demonstration base")
+    train.add_argument("--demo-vision", type=Path,
+                       help="pretrained vision file for --demo-base (`dicom-node model pretrain`), "
+                            "e.g. model/demo/vision.safetensors")
     train.add_argument("--lora", type=int, default=0, metavar="R",
                        help="LoRA of rank R on the frozen ViT's attention (peft; 0: none)")
     train.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: R)")
@@ -103,7 +106,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def add_model_commands(model: Any, common: argparse.ArgumentParser) -> None:
-    """Add ``import-m3d-clip`` and ``export`` to the ``model`` command group.
+    """Add ``import-m3d-clip``, ``export`` and ``pretrain`` to the ``model`` command group.
 
     Parameters
     ----------
@@ -129,6 +132,19 @@ def add_model_commands(model: Any, common: argparse.ArgumentParser) -> None:
     export.add_argument("--out", type=Path, required=True, help="model directory to write")
     export.add_argument("--name", default="Brain-Adapter")
     export.add_argument("--version", help="model version (default: 0.1.0+<run folder name>)")
+    pretrain = model.add_parser(
+        "pretrain", parents=[common],
+        help="pretrain the demonstration base's ViT by self-supervision on unlabeled synthetic brains")
+    pretrain.add_argument("--out", type=Path, required=True,
+                          help="folder for vision.safetensors and pretrain.json (model/demo for the committed model)")
+    pretrain.add_argument("--size", type=int, default=64, help="volume edge (the cohort's; a multiple of 32)")
+    pretrain.add_argument("--steps", type=int, default=200)
+    pretrain.add_argument("--batch-size", type=int, default=16, help="anatomies per step (two views each)")
+    pretrain.add_argument("--seed", type=int, default=20_000, help="seed of the volumes and augmentations")
+    pretrain.add_argument("--base-seed", type=int, default=0, help="seed of the base whose ViT is pretrained")
+    pretrain.add_argument("--threads", type=int, default=2,
+                          help="torch CPU threads (the result is reproducible for a given thread count)")
+    pretrain.add_argument("--train-adapter", action="store_true", help="pretrain the depth adapter too")
     export.add_argument("--clinical", action="store_true",
                         help="the site has validated the model: reports drop the demonstration notice "
                              "(refused for runs on the demonstration base or synthetic data)")
@@ -153,6 +169,17 @@ def _export(args: argparse.Namespace) -> int:
     info = Predictor.load(out).info
     print(f"model written to {out}: {info.name} {info.version}, sha256 {info.weights_sha256}, "
           f"temperature {info.parameters['temperature']}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from model.pretrain import PretrainConfig, pretrain_demo_base
+
+    config = PretrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                            base_seed=args.base_seed, threads=args.threads, train_adapter=args.train_adapter)
+    weights = pretrain_demo_base(config, args.out)
+    print(f"pretrained vision file written to {weights}; train on it with "
+          f"`dicom-node train MANIFEST --demo-base --demo-vision {weights} --out RUN`")
     return 0
 
 
@@ -205,6 +232,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     config = TrainConfig(
         manifest=str(args.manifest), out_dir=str(args.out), inputs=args.inputs, preset=args.preset,
         base=str(args.base) if args.base else "", demo_base=args.demo_base, base_seed=args.base_seed,
+        demo_vision=str(args.demo_vision) if args.demo_vision else "",
         lora_rank=args.lora, lora_alpha=args.lora_alpha, lr_lora=args.lr_lora, epochs=args.epochs,
         batch_size=args.batch_size, lr_adapter=args.lr_adapter, lr_projection=args.lr_projection,
         lr_head=args.lr_head, weight_decay=args.weight_decay, test_fraction=args.test_fraction,
@@ -264,6 +292,8 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
         return _import_m3d_clip(args)
     if args.command == "model" and getattr(args, "model_command", None) == "export":
         return _export(args)
+    if args.command == "model" and getattr(args, "model_command", None) == "pretrain":
+        return _pretrain(args)
     if args.command == "cohort" and getattr(args, "cohort_command", None) == "prepare":
         return _cohort_prepare(args, settings)
     if args.command == "train":

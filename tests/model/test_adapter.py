@@ -152,3 +152,32 @@ def test_config_roundtrip_and_validation() -> None:
         BrainAdapterConfig(vit=FAST_VIT, use_note=False, input_size=(64, 32, 64))
     with pytest.raises(ValueError, match="needs a text_encoder_path"):
         BrainAdapterConfig(vit=ViTConfig.small(), use_note=True)
+
+
+def test_mean_pooling_averages_the_note_tokens_and_ignores_padding(minilm: TextEncoder) -> None:
+    config = BrainAdapterConfig(**{**_config(Preset.BRAIN_ADAPTER, True).__dict__, "text_pooling": "mean"})
+    model = BrainAdapter(config, minilm).eval()
+    note = "72-year-old woman. MMSE 24/30, CDR-SB 3.5."
+    tokens = model.tokenize([note, note + " Frequent memory complaints, reported by the spouse."])
+    assert bool((tokens["attention_mask"][0] == 0).any())  # the short note is padded
+    with torch.no_grad():
+        pooled = model.text_hidden(tokens["input_ids"], tokens["attention_mask"])
+        alone = model.tokenize([note])
+        states = minilm.model(**alone).last_hidden_state[0]
+        single = model.text_hidden(alone["input_ids"], alone["attention_mask"])
+    torch.testing.assert_close(pooled[0], states.mean(0), atol=1e-5, rtol=1e-5)  # every token, CLS and SEP too
+    torch.testing.assert_close(pooled[0], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cls_pooling_is_the_first_token_and_the_default_of_saved_configurations(minilm: TextEncoder) -> None:
+    config = _config(Preset.BRAIN_ADAPTER, True)
+    saved = config.to_dict()
+    del saved["text_pooling"]  # a model directory written before the field existed
+    assert BrainAdapterConfig.from_dict(saved).text_pooling == "cls"
+    model = BrainAdapter(config, minilm).eval()
+    tokens = model.tokenize(["MMSE 29/30."])
+    with torch.no_grad():
+        first = minilm.model(**tokens).last_hidden_state[:, 0]
+        torch.testing.assert_close(model.text_hidden(tokens["input_ids"], tokens["attention_mask"]), first)
+    with pytest.raises(ValueError, match="text_pooling"):
+        BrainAdapterConfig(**{**config.__dict__, "text_pooling": "max"})
