@@ -30,6 +30,15 @@ Choice of codes
 ``Qualitative Evaluations``
     UMLS C0034375, the container of TID 1500 row 12 that holds CODE and TEXT
     evaluations of the whole report (DICOM PS3.16 TID 1500).
+Volumes (:mod:`structured_reports.measurements`)
+    The volume is SNOMED CT 118565006 |Volume| in UCUM ``ml``; z-score, percentile and the
+    population's mean and SD are DICOM's TID 311 concepts (DCM 121416, 121415, 121414, SNOMED CT
+    373098007).  The finding sites are SNOMED CT (:data:`STRUCTURE_SITES`).  DICOM has no concept
+    for a volume as a share of the intracranial volume, for a volume at a prior study, for a
+    change per year, for an asymmetry index or for the change of a probability since a prior
+    study, so these are codes of the node's own scheme (:data:`PERCENT_OF_ICV`,
+    :data:`PRIOR_VOLUME`, :data:`VOLUME_CHANGE_PER_YEAR`, :data:`RELATIVE_VOLUME_CHANGE_PER_YEAR`,
+    :data:`HIPPOCAMPAL_ASYMMETRY`, :data:`PROBABILITY_CHANGE`), each with its UCUM unit.
 
 :func:`class_for_concept` also reads the codes of reports written earlier
 (:data:`EARLIER_CLASS_CONCEPTS`), so a superseded report still reads back.
@@ -40,6 +49,7 @@ from __future__ import annotations
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 #: SNOMED CT 26929004 |Alzheimer's disease (disorder)|.
 ALZHEIMERS_DISEASE = hd.sr.CodedConcept(
@@ -78,6 +88,42 @@ QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
     scheme_designator="UMLS",
     meaning="Qualitative Evaluations",
 )
+
+def _local(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=value, scheme_designator=LOCAL_SCHEME_DESIGNATOR, meaning=meaning)
+
+
+def _ucum(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=value, scheme_designator="UCUM", meaning=meaning)
+
+
+#: UCUM units of the volumes and their changes (pydicom's dictionary has neither ``ml`` nor the rates).
+MILLILITER = _ucum("ml", "milliliter")
+MILLILITER_PER_YEAR = _ucum("ml/a", "milliliter per year")
+PERCENT_PER_YEAR = _ucum("%/a", "percent per year")
+
+#: A structure's volume as a percentage of the intracranial volume (UCUM ``%``).
+PERCENT_OF_ICV = _local("ICVPCT", "Volume, percent of intracranial volume")
+#: The structure's volume at the prior study (UCUM ``ml``).
+PRIOR_VOLUME = _local("PRIORVOL", "Volume at the prior study")
+#: ``(current - prior) / interval`` (UCUM ``ml/a``).
+VOLUME_CHANGE_PER_YEAR = _local("VOLRATE", "Volume change per year")
+#: ``100 (current - prior) / prior / interval`` (UCUM ``%/a``).
+RELATIVE_VOLUME_CHANGE_PER_YEAR = _local("VOLPCTRATE", "Relative volume change per year")
+#: ``|L - R| / ((L + R) / 2) * 100`` of the hippocampi (UCUM ``%``).
+HIPPOCAMPAL_ASYMMETRY = _local("HIPPOASYM", "Hippocampal asymmetry index")
+#: Current minus prior probability of a class (UCUM ``1``), qualified by the class like the probabilities.
+PROBABILITY_CHANGE = _local("PROBCHG", "Change in probability since the prior study")
+
+#: Finding site (SNOMED CT) and laterality of each structure, keyed like :data:`pipeline.normative.STRUCTURES`.
+STRUCTURE_SITES: dict[str, tuple[Code, Code | None]] = {
+    "hippocampus_left": (codes.SCT.Hippocampus, codes.SCT.Left),
+    "hippocampus_right": (codes.SCT.Hippocampus, codes.SCT.Right),
+    "lateral_ventricles": (codes.SCT.LateralVentricle, codes.SCT.Bilateral),
+    "grey_matter": (codes.SCT.GrayMatter, None),
+    "white_matter": (codes.SCT.WhiteMatter, None),
+    "intracranial": (codes.SCT.CranialCavity, None),
+}
 
 #: Coded value of each model class, keyed like :data:`model.types.CLASSES`.
 CLASS_CONCEPTS: dict[str, hd.sr.CodedConcept] = {

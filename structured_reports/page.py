@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
+from matplotlib.lines import Line2D
 from matplotlib.patches import FancyBboxPatch
 from matplotlib.patheffects import withStroke
 from matplotlib.text import Text
@@ -108,6 +109,48 @@ class Page:
                                color=WARNING_COLOUR, va="top", linespacing=1.3, **RESULT_FONT)
         self.y += height + 0.18
         return artist
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]], widths: Sequence[float], *,
+              fontsize: float = 8.5, after: float = 0.12) -> None:
+        """A table at the cursor: a bold header (``\n`` breaks it), a rule, one line per row; the cursor moves below.
+
+        The first column is left-aligned, the others (numbers) right-aligned, so ``pdftotext -layout`` keeps each
+        row on one line.
+
+        Parameters
+        ----------
+        header : Sequence[str]
+            Column titles.
+        rows : Sequence[Sequence[str]]
+            Cells, one sequence per row, as many as ``header``.
+        widths : Sequence[float]
+            Column widths in inches (at most :data:`TEXT_WIDTH` together).
+        fontsize : float, optional
+            Size of the cells and the header.
+        after : float, optional
+            Space below the table (inches).
+        """
+        if len(widths) != len(header) or any(len(row) != len(header) for row in rows):
+            raise ReportError("a table needs as many widths and cells per row as header columns")
+        lefts = [MARGIN + sum(widths[:index]) for index in range(len(widths))]
+        line = fontsize * 1.45 / 72
+        header_lines = max(title.count("\n") + 1 for title in header)
+        for index, title in enumerate(header):
+            x = lefts[index] if index == 0 else lefts[index] + widths[index]
+            self.fig.text(x / A4_INCHES[0], self.frac_y(self.y), title, fontsize=fontsize, fontweight="bold",
+                          va="top", ha="left" if index == 0 else "right", linespacing=1.2)
+        self.y += header_lines * fontsize * 1.2 / 72 + 0.05
+        self.fig.add_artist(Line2D([MARGIN / A4_INCHES[0], (MARGIN + sum(widths)) / A4_INCHES[0]],
+                                   [self.frac_y(self.y)] * 2, transform=self.fig.transFigure, color="#555555",
+                                   linewidth=0.6))
+        self.y += 0.05
+        for row in rows:
+            for index, cell in enumerate(row):
+                x = lefts[index] if index == 0 else lefts[index] + widths[index]
+                self.fig.text(x / A4_INCHES[0], self.frac_y(self.y), cell, fontsize=fontsize, va="top",
+                              ha="left" if index == 0 else "right")
+            self.y += line
+        self.y += after
 
     def axes(self, left: float, width: float, height: float) -> Axes:
         """Axes *height* inches tall at the cursor, *left* and *width* in inches; the cursor moves below."""

@@ -6,8 +6,9 @@ as large and bold as the result, the patient with sex and age at the study, the
 result and a probability bar chart (or why there is none, what was received and
 what the node needs), optional key slices drawn at one size with orientation
 markers, the image quality checks with their limits, the inputs used, model and
-preprocessing versions.  Text is wrapped at spaces only, so a UID or a run id is
-never split.
+preprocessing versions.  With volumes, a prior study or a note about either, a second
+page (:func:`compose_volumes_page`) has the volumes table and the comparison with the
+prior study.  Text is wrapped at spaces only, so a UID or a run id is never split.
 
 highdicom has no Encapsulated PDF IOD; the object is built on
 :class:`highdicom.SOPClass` (Patient, General Study, Patient Study, General
@@ -28,6 +29,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
@@ -61,6 +63,14 @@ from structured_reports.texts import (
     warning_texts,
 )
 from structured_reports.types import DISCLAIMER, KeySlice, ReportError, ReportInput
+from structured_reports.volume_texts import (
+    normative_text,
+    percentile_label,
+    prior_date_text,
+    prior_gaps,
+    probability_change_text,
+)
+from structured_reports.volumes import VolumeRow, shown, volume_rows
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +88,14 @@ MAX_KEY_SLICES = 3
 
 #: At most this many received series are listed on a "not analysed" page (the rest are counted).
 MAX_SERIES_LINES = 20
+
+#: Title of the second page (volumes and the prior study; without the prior's part when the comparison is off).
+VOLUMES_PAGE_TITLE = "Brain volumes and comparison with the prior study"
+VOLUMES_ONLY_PAGE_TITLE = "Brain volumes"
+
+#: Said on page 1 when there is a second page (likewise).
+VOLUMES_PAGE_POINTER = "Brain volumes and the comparison with a prior study: see page 2."
+VOLUMES_ONLY_PAGE_POINTER = "Brain volumes: see page 2."
 
 #: Caption under key slices that carry an outline.
 OUTLINE_CAPTION = (
@@ -124,6 +142,10 @@ def compose_page(
         _result(page, report)
     elif report.not_analysed is not None:
         _not_analysed(page, report, sources)
+    if has_volumes_page(shown(report)):
+        page.y += 0.05
+        pointer = VOLUMES_PAGE_POINTER if _has_prior_part(report) else VOLUMES_ONLY_PAGE_POINTER
+        page.text(pointer, fontsize=9.0, fontweight="bold", after=0.2)
 
     slices = [_as_key_slice(item, index) for index, item in enumerate(list(key_slices or [])[:MAX_KEY_SLICES])]
     if slices:
@@ -138,9 +160,105 @@ def compose_page(
         lines.append(supersedes_text(predecessor))
     page.heading("Inputs and provenance")
     page.text("\n".join(lines), fontsize=8.5, linespacing=1.5)
+    _footer(fig)
+    return fig
+
+
+def _footer(fig: Figure) -> None:
+    """The disclaimer at the foot of a page."""
     fig.text(MARGIN / A4_INCHES[0], 0.03, "\n".join(Page.lines(DISCLAIMER, 8.0)), fontsize=8.0,
              color=WARNING_COLOUR, va="bottom")
+
+
+def has_volumes_page(report: ReportInput) -> bool:
+    """Whether the report has a second page: volumes, a prior study, or a note on why either is missing."""
+    return bool(report.volumes is not None or report.prior is not None or report.volumes_note or report.prior_note)
+
+
+#: Columns of the volumes table (inches): structure, ml, % of ICV, then z and percentile, then prior ml and changes.
+_WIDTHS = {"structure": 1.75, "ml": 0.85, "icv": 0.75, "z": 0.6, "pct": 0.75, "prior": 0.8, "rate": 0.85,
+           "rate_pct": 0.8}
+
+
+def _volume_cells(row: VolumeRow, normative: bool, prior: bool) -> list[str]:
+    """One line of the volumes table (``-`` where a value does not apply)."""
+    cells = [row.label, f"{row.ml:.2f}", "-" if row.percent_icv is None else f"{row.percent_icv:.3f}"]
+    if normative:
+        if row.z_score is None or row.percentile is None:
+            cells += ["no ref.", "no ref."]
+        else:
+            cells += [f"{row.z_score:+.2f}", percentile_label(row.percentile)]
+    if prior:
+        cells.append("-" if row.prior_ml is None else f"{row.prior_ml:.2f}")
+        cells.append("-" if row.change_ml_per_year is None else f"{row.change_ml_per_year:+.3f}")
+        cells.append("-" if row.change_percent_per_year is None else f"{row.change_percent_per_year:+.2f}")
+    return cells
+
+
+def _volumes_table(page: Page, sources: Sequence[Dataset], report: ReportInput) -> None:
+    """The method, the normative data (or that there are none), the table and the hippocampal asymmetry."""
+    volumes = report.volumes
+    if volumes is None:
+        return
+    rows = volume_rows(sources, report)
+    normative = report.normative is not None
+    prior = any(row.prior_ml is not None for row in rows)
+    header, widths = ["Structure", "Volume\n(ml)", "% of ICV"], [_WIDTHS["structure"], _WIDTHS["ml"], _WIDTHS["icv"]]
+    if normative:
+        header += ["z-score", "Percentile"]
+        widths += [_WIDTHS["z"], _WIDTHS["pct"]]
+    if prior:
+        header += ["Prior\n(ml)", "Change\n(ml/year)", "Change\n(%/year)"]
+        widths += [_WIDTHS["prior"], _WIDTHS["rate"], _WIDTHS["rate_pct"]]
+    page.text(f"Method: {volumes.algorithm}.", fontsize=8.0, color="#555555", after=0.05)
+    page.text(normative_text(sources, report), fontsize=9.0, after=0.12)
+    page.table(header, [_volume_cells(row, normative, prior) for row in rows], widths)
+    page.text(f"Hippocampal asymmetry index: {volumes.hippocampal_asymmetry_percent:.2f} % "
+              "(|left - right| / mean of left and right).", fontsize=9.0, after=0.15)
+
+
+def compose_volumes_page(
+    sources: Sequence[Dataset], report: ReportInput, *, content_datetime: datetime.datetime | None = None
+) -> Figure | None:
+    """The second page: the volumes table and the comparison with the prior study; None when there is neither.
+
+    From the top: the warnings' banner, title, patient and study; "Brain volumes" (method, normative data or
+    "no normative data configured", the table: structure, ml, % of ICV, z-score and percentile when a normative
+    table is configured, the prior's ml and the change per year when there is a prior; the hippocampal
+    asymmetry), or why there are none; "Comparison with the prior study" (its date and the interval, the change
+    in class probabilities), or why there is none.
+    """
+    report = shown(report)
+    if not has_volumes_page(report):
+        return None
+    first = sources[0]
+    when = content_datetime or datetime.datetime.now()
+    fig = Figure(figsize=A4_INCHES)
+    page = Page(fig)
+    page.banner(warning_texts(report))
+    title = VOLUMES_PAGE_TITLE if _has_prior_part(report) else VOLUMES_ONLY_PAGE_TITLE
+    page.text(title, fontsize=15.0, fontweight="bold", after=0.12)
+    page.text(f"Patient: {_person(first.get('PatientName'))}    ID: {first.get('PatientID', '')}    "
+              f"Sex: {sex_text(first)}    Age at study: {age_at_study(first)}\n"
+              f"Study date: {_date(first.get('StudyDate'))}    Accession: {first.get('AccessionNumber', '')}    "
+              f"Report time: {when:%Y-%m-%d %H:%M}", fontsize=9.0, linespacing=1.45, after=0.2)
+    if report.volumes is not None or report.volumes_note:
+        page.heading("Brain volumes")
+        _volumes_table(page, sources, report)
+        if report.volumes_note:
+            page.text(_capital(report.volumes_note), fontsize=9.0, after=0.15)
+    if _has_prior_part(report):
+        page.heading("Comparison with the prior study")
+        lines = [prior_date_text(sources, report), probability_change_text(report), *prior_gaps(report),
+                 _capital(report.prior_note)]
+        page.text("\n".join(line for line in lines if line), fontsize=9.0, linespacing=1.45, after=0.15)
+    _footer(fig)
     return fig
+
+
+def _has_prior_part(report: ReportInput) -> bool:
+    """Whether page 2 has a comparison section (a prior, or why there is none; nothing when the comparison is off)."""
+    return report.prior is not None or bool(report.prior_note)
 
 
 def _result(page: Page, report: ReportInput) -> None:
@@ -225,8 +343,15 @@ def render_pdf(
     """
     fig = compose_page(sources, report, key_slices=key_slices, predecessor=predecessor,
                        content_datetime=content_datetime)
+    second = compose_volumes_page(sources, report, content_datetime=content_datetime)
     buffer = BytesIO()
-    fig.savefig(buffer, format="pdf", metadata={"CreationDate": None, "Title": PDF_DOCUMENT_TITLE})
+    metadata = {"CreationDate": None, "Title": PDF_DOCUMENT_TITLE}
+    if second is None:
+        fig.savefig(buffer, format="pdf", metadata=metadata)
+        return buffer.getvalue()
+    with PdfPages(buffer, metadata=metadata) as document:
+        document.savefig(fig)
+        document.savefig(second)
     return buffer.getvalue()
 
 

@@ -14,6 +14,8 @@ Layout of the content tree (DICOM PS3.16)::
           CONTAINS NUM Probability = p (UCUM "1"), HAS CONCEPT MOD Finding = <class>  (x3)
           CONTAINS CODE Impression = <predicted class>                             (TID 1501 qualitative evaluation)
           CONTAINS IMAGE Source of Measurement              (one representative image of the analysed series)
+          CONTAINS NUM Change in probability since the prior study (x3; with a prior's probabilities)
+        CONTAINS CONTAINER Measurement Group (x7; with volumes: structured_reports/measurements.py)
       CONTAINS CONTAINER Qualitative Evaluations                                (row 12)
         CONTAINS TEXT Comment = demonstration model / research use only warnings   (first)
         CONTAINS TEXT Summary, or Impression = "Not analysed: ..."
@@ -54,6 +56,12 @@ from structured_reports.concepts import (
     QUALITATIVE_EVALUATIONS,
     coding_scheme_identification,
 )
+from structured_reports.measurements import (
+    prior_evidence,
+    probability_change_measurements,
+    volume_groups,
+    volumetry_equipment,
+)
 from structured_reports.texts import (  # DEMONSTRATION_TEXT, NOT_ANALYSED_PREFIX: also named from here
     DEMONSTRATION_TEXT,  # noqa: F401
     NOT_ANALYSED_PREFIX,
@@ -69,6 +77,8 @@ from structured_reports.texts import (  # DEMONSTRATION_TEXT, NOT_ANALYSED_PREFI
 )
 from structured_reports.types import ReportError, ReportInput
 from structured_reports.uids import UidKind, derive_uid
+from structured_reports.volume_texts import comparison_texts
+from structured_reports.volumes import shown
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +158,7 @@ def build_sr(
         is inconsistent (unknown class, probabilities not summing to 1).
     """
     check_report_input(sources, report)
+    report = shown(report)
     first = sources[0]
     if tracking_uid is None:
         tracking_uid = derive_uid(
@@ -168,7 +179,7 @@ def build_sr(
     measurement_report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.LN.BrainMRI,
-        imaging_measurements=[group],
+        imaging_measurements=[group, *volume_groups(sources, report, representative_image(sources))],
         title=codes.cid7021.ImagingMeasurementReport,
     )
     root = measurement_report[0]
@@ -177,7 +188,7 @@ def build_sr(
 
     when = content_datetime or datetime.datetime.now()
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[with_type2_defaults(first), *sources[1:]],
+        evidence=[with_type2_defaults(first), *sources[1:], *prior_evidence(report)],
         content=root,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -188,7 +199,7 @@ def build_sr(
         is_final=False,
         is_verified=False,
         previous_versions=[predecessor] if predecessor is not None else None,
-        contributing_equipment=_contributing_equipment(report, when),
+        contributing_equipment=_contributing_equipment(report, when) + volumetry_equipment(report, when),
         specific_character_set=report_character_set(first.get("SpecificCharacterSet")),
         series_description=SR_SERIES_DESCRIPTION,
         manufacturer_model_name=report.device.model_name,
@@ -368,6 +379,7 @@ def _measurement_group(
             finding_sites=finding_sites,
         )
     measurements = [_probability(c, float(prediction.probabilities[c])) for c in CLASSES]
+    measurements += probability_change_measurements(report)
     finding = hd.sr.QualitativeEvaluation(
         name=FINDING_NAME,
         value=CLASS_CONCEPTS[prediction.predicted_class],
@@ -451,12 +463,14 @@ def _text_container(
     prediction = report.prediction
     if prediction is not None:
         items.append(_text(codes.DCM.Summary, summary_text(report)))
+        items.extend(_text(codes.DCM.Comment, text) for text in comparison_texts(sources, report))
         items.append(_text(codes.DCM.Comment, analysed_series_text(sources)))
         if report.qc:
             items.append(_text(codes.DCM.Comment, qc_text(report)))
     elif report.not_analysed is not None:
         _, reason = report.not_analysed
         items.append(_text(FINDING_NAME, NOT_ANALYSED_PREFIX + reason))
+        items.extend(_text(codes.DCM.Comment, text) for text in comparison_texts(sources, report))
         items.append(_text(codes.DCM.Comment, received_text(sources)))
         needed = requirement_text(report)
         if needed:

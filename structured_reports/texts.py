@@ -6,7 +6,6 @@ everything else is result, versions and UIDs.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 
 import pydicom
@@ -16,6 +15,7 @@ from model.types import CLASSES
 from pipeline.preprocess import QCCheck
 from structured_reports.concepts import CLASS_LABELS
 from structured_reports.types import DISCLAIMER, ReportInput
+from structured_reports.volumes import dicom_date
 
 #: Said first, before the result, when the model is a demonstration model.
 DEMONSTRATION_TEXT = "Demonstration model, not for clinical use."
@@ -223,14 +223,6 @@ _SEXES = {"F": "female", "M": "male", "O": "other"}
 _AGE_UNITS = {"D": ("day", "days"), "W": ("week", "weeks"), "M": ("month", "months"), "Y": ("year", "years")}
 
 
-def _dicom_date(value: object) -> datetime.date | None:
-    text = "" if value is None else str(value).strip()
-    try:
-        return datetime.datetime.strptime(text, "%Y%m%d").date() if len(text) == 8 else None
-    except ValueError:
-        return None
-
-
 def age_at_study(ds: pydicom.Dataset) -> str:
     """The patient's age at the study: PatientAge, else computed from PatientBirthDate and StudyDate.
 
@@ -248,7 +240,7 @@ def age_at_study(ds: pydicom.Dataset) -> str:
     if len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNITS:
         count = int(age[:3])
         return f"{count} {_AGE_UNITS[age[3]][0 if count == 1 else 1]}"
-    birth, study = _dicom_date(ds.get("PatientBirthDate")), _dicom_date(ds.get("StudyDate"))
+    birth, study = dicom_date(ds.get("PatientBirthDate")), dicom_date(ds.get("StudyDate"))
     if birth is None or study is None or study < birth:
         return "not given"
     years = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -11,8 +12,10 @@ from numpy.typing import NDArray
 
 from core.errors import NodeError, Outcome
 from model.types import ModelInfo, Prediction
+from pipeline.normative import NormativeTable
 from pipeline.preprocess import PreprocessConfig, QCCheck
 from pipeline.select import SelectionRules
+from pipeline.volumetry import Volumes
 
 DISCLAIMER = (
     "For research use only. Not a medical device; not for clinical diagnosis. "
@@ -118,6 +121,38 @@ class SeriesRequirement:
 
 
 @dataclass(frozen=True)
+class PriorResult:
+    """The prior study's analysis, as a report compares the current study with it.
+
+    Parameters
+    ----------
+    study_instance_uid : str
+        The prior study.
+    study_date : datetime.date
+        Its Study Date (the interval of the per-year changes is measured from it).
+    series_instance_uid : str
+        The prior T1 series that was analysed.
+    instances : tuple of (str, str)
+        ``(SOPClassUID, SOPInstanceUID)`` of the prior series' instances, cited as evidence.
+    volumes : Volumes or None
+        The prior's volumes (None: not measured).
+    probabilities : Mapping[str, float] or None
+        The prior's class probabilities, keyed like :attr:`model.types.Prediction.probabilities`
+        (None: the model gave no result for it).
+    run_id : str or None
+        The node's run that analysed the prior when its result was reused (None: analysed now).
+    """
+
+    study_instance_uid: str
+    study_date: date
+    series_instance_uid: str
+    instances: tuple[tuple[str, str], ...] = ()
+    volumes: Volumes | None = None
+    probabilities: Mapping[str, float] | None = None
+    run_id: str | None = None
+
+
+@dataclass(frozen=True)
 class ReportInput:
     """Everything a report needs besides the source instances.
 
@@ -143,6 +178,18 @@ class ReportInput:
         The preprocessing's QC values with their limits (:func:`pipeline.preprocess.qc_checks`).
     requirement : SeriesRequirement
         What series the node can analyse (said when a study was not analysed).
+    volumes : Volumes or None
+        The current study's volumes (None: volumetry off or failed; ``volumes_note`` says which).
+    volumes_note : str
+        Why there are no volumes, in plain words ("" when there are, or volumetry is off).
+    prior : PriorResult or None
+        The prior study's analysis to compare with (None: ``prior_note`` says why).
+    prior_note : str
+        Why there is no comparison with a prior ("no prior study in the PACS", "prior study not
+        retrievable: ..."); "" when prior comparison is off.
+    normative : NormativeTable or None
+        The configured normative volumes (setting ``volumetry.normative_table``); None: the reports
+        say "no normative data configured" and give no z-score or percentile.
     """
 
     run_id: str
@@ -154,3 +201,8 @@ class ReportInput:
     not_analysed: tuple[Outcome, str] | None = None
     qc: tuple[QCCheck, ...] = ()
     requirement: SeriesRequirement = field(default_factory=SeriesRequirement)
+    volumes: Volumes | None = None
+    volumes_note: str = ""
+    prior: PriorResult | None = None
+    prior_note: str = ""
+    normative: NormativeTable | None = None
