@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -148,17 +149,18 @@ class PriorPacs(_Section):
 class PriorSettings(_Section):
     """Query/Retrieve of the patient's prior study (:mod:`dicom_node.net.qr`).
 
-    ``retrieve = "move"``: C-MOVE to ``move_destination`` (default ``network.ae_title``),
-    which the PACS must know; the instances arrive at the node's own listener (allow
-    the PACS's calling AE title).  ``"get"``: C-GET, the instances come back on the
-    node's association.  ``dimse_timeout_s`` bounds every wait for a response (a PACS
+    ``retrieve = "get"`` (default): C-GET, the instances come back on the node's own
+    association (into the run's scratch directory, :mod:`dicom_node.runs.prior`).
+    ``"move"``: C-MOVE to ``move_destination`` (default ``network.ae_title``), which the
+    PACS must know; the instances arrive at the node's own listener (allow the PACS's
+    calling AE title) and stay in its spool.  ``dimse_timeout_s`` bounds every wait for a response (a PACS
     that sends no Pending C-MOVE responses needs it to cover a whole retrieve);
     ``retrieve_timeout_s`` bounds a whole retrieve (looked at on each response, then C-CANCEL).
     """
 
     enabled: bool = False
     pacs: PriorPacs = PriorPacs()
-    retrieve: Literal["move", "get"] = "move"
+    retrieve: Literal["move", "get"] = "get"
     move_destination: str = ""
     max_age_years: int = Field(10, ge=1, le=150)
     max_matches: int = Field(500, ge=1, le=100000)
@@ -181,6 +183,32 @@ class PriorSettings(_Section):
         if self.enabled and not (self.pacs.destination or self.pacs.ae_title):
             raise ValueError("prior.enabled needs prior.pacs (a destination name, or ae_title/host/port)")
         return self
+
+
+class VolumetrySettings(_Section):
+    """Brain volumetry of every analysed study (:mod:`pipeline.volumetry`), in its report.
+
+    ``normative_table``: a file of normative values (:mod:`pipeline.normative`), read at
+    start-up; empty: none (the reports give the volumes without normative ranges).
+    ``working_spacing_mm`` (grid of the whole-brain registration to the atlas) and
+    ``hippocampal_refinement`` (a 1 mm registration around each hippocampus) are the
+    method's cost: the defaults are the measured method (about 55 s of CPU per study);
+    other values give other numbers, to be compared only with values measured the same way
+    (a prior study measured otherwise is measured again).
+    """
+
+    enabled: bool = True
+    normative_table: str = ""
+    working_spacing_mm: float = Field(2.0, ge=1.0, le=6.0)
+    hippocampal_refinement: bool = True
+
+    @field_validator("normative_table")
+    @classmethod
+    def _table_exists(cls, value: str) -> str:
+        value = value.strip()
+        if value and not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
 
 
 class StorageSettings(_Section):
@@ -438,6 +466,7 @@ class Settings(_Section):
     network: NetworkSettings = NetworkSettings()
     destinations: tuple[Destination, ...] = ()
     prior: PriorSettings = PriorSettings()
+    volumetry: VolumetrySettings = VolumetrySettings()
     storage: StorageSettings = StorageSettings()
     database: DatabaseSettings = DatabaseSettings()
     completeness: CompletenessSettings = CompletenessSettings()
@@ -449,6 +478,15 @@ class Settings(_Section):
     device: DeviceSettings = DeviceSettings()
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("processing")
+    @classmethod
+    def _volumetry_needs_affine(cls, value: ProcessingSettings, info: ValidationInfo) -> ProcessingSettings:
+        volumetry = info.data.get("volumetry")
+        if isinstance(volumetry, VolumetrySettings) and volumetry.enabled and value.registration == "SyN":
+            raise ValueError("volumetry.enabled needs processing.registration Affine or AffineFast (volumes are "
+                             "measured through the affine registration; or set volumetry.enabled = false)")
+        return value
 
     # ----- derived values -------------------------------------------------
     def _under_data(self, path: Path) -> Path:
@@ -493,6 +531,11 @@ class Settings(_Section):
     def series_rules_path(self) -> Path:
         """The series-selection rules file."""
         return Path(self.processing.series_rules) if self.processing.series_rules else DEFAULT_SERIES_RULES
+
+    @property
+    def normative_table_path(self) -> Path | None:
+        """The normative values file of the volumes (``volumetry.normative_table``), or None."""
+        return Path(self.volumetry.normative_table) if self.volumetry.normative_table else None
 
     @property
     def device_uid(self) -> str:

@@ -27,9 +27,10 @@ def require_tool(name: str) -> str:
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
-    """Settings rooted in *tmp_path*: port 0, SQLite, quick completeness."""
+    """Settings rooted in *tmp_path*: port 0, SQLite, quick completeness, no volumetry (about a minute per run)."""
     values: dict[str, object] = {
         "storage.data_dir": str(tmp_path / "node"),
+        "volumetry.enabled": False,  # on in the product; the tests of volumes and priors turn it on
         "network.port": 0,
         "http.port": 0,  # the HTTP side on a free port (several nodes may run at once)
         "network.allowed_calling_ae_titles": ["SCANNER"],

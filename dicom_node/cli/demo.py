@@ -8,6 +8,7 @@ comes back to a local Orthanc (the receiving PACS) and is printed with
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pydicom
 
 from core.errors import NodeError
 from dicom_node.cli.localpacs import LocalOrthanc, echo_ok, free_port, wait_for
@@ -59,6 +62,12 @@ def _make_study(directory: Path) -> list[Path]:
     files += write_mr_series(volume, affine, directory / "localizer", study=DEMO_PATIENT, series_number=1,
                              orientation="axial", vendor="SIEMENS", kind="localizer")
     return files
+
+
+def _encapsulated_pdf(dicom_bytes: bytes) -> bytes:
+    """The PDF inside an Encapsulated PDF instance (without the NUL that pads it to an even length)."""
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes))
+    return bytes(ds.EncapsulatedDocument).rstrip(b"\x00")
 
 
 def run_demo(base: Settings) -> int:
@@ -123,6 +132,10 @@ def run_demo(base: Settings) -> int:
         sr_path.write_bytes(pacs.get_bytes(f"/instances/{found[0]['ID']}/file"))
         study = pacs.get(f"/instances/{found[0]['ID']}/study")["MainDicomTags"]
         print(f"Orthanc filed the SR in the original study {study['StudyInstanceUID']}")
+        documents = wait_for(lambda: pacs.find_instances(Modality="DOC"), 120, "the PDF to reach Orthanc", 1.0)
+        pdf_path = root / "received-report.pdf"
+        pdf_path.write_bytes(_encapsulated_pdf(pacs.get_bytes(f"/instances/{documents[0]['ID']}/file")))
+        print(f"and the PDF report beside it (Encapsulated PDF): {pdf_path}")
 
         _banner("6. the SR as the radiologist reads it (dsrdump)")
         dump = subprocess.run(["/usr/bin/dsrdump", "+Pl", str(sr_path)], capture_output=True, text=True,

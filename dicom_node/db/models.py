@@ -215,6 +215,19 @@ class Run(Base):
     error_stage: Mapped[str | None] = mapped_column(String(32))
     #: Traceback of a failure: frames and exception types, messages only of the node's own errors (no patient data).
     error_traceback: Mapped[str | None] = mapped_column(Text)
+    #: The study's volumes (:func:`dicom_node.runs.analysis.volumes_record`: millilitres, method, QC), or None.
+    volumes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Why there are no volumes (volumetry failed or refused), for the report and the audit; None when measured or off.
+    volumes_note: Mapped[str | None] = mapped_column(Text)
+    #: The prior study compared with (None: none found, or the comparison is off).
+    prior_study_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    #: The node's run of the prior study whose result was reused (None: the prior was retrieved and analysed).
+    prior_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"))
+    #: Why there is no comparison with a prior ("no prior study in the PACS ...", "prior study not retrievable: ...").
+    prior_note: Mapped[str | None] = mapped_column(Text)
+    #: The prior's result as compared (:meth:`dicom_node.runs.prior.PriorOutcome.columns`): series, date, how it
+    #: was had, probabilities, volumes, stage times.
+    prior: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="run")
 

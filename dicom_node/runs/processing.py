@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -31,16 +32,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import ConfigError, NodeError, NotAnalysed, Outcome, audit_traceback
 from dicom_node.db.models import Delivery, DeliveryState, Instance, Run, RunState, Series, Study, utcnow
-from dicom_node.db.notes import NodeNotes
 from dicom_node.ingest.completeness import study_input_lossy
 from dicom_node.outbox.objects import write_objects
 from dicom_node.outbox.routing import routes
+from dicom_node.runs.analysis import measure, notes_for, volumes_record
 from dicom_node.runs.context import RunContext
+from dicom_node.runs.prior import CurrentStudy, PriorOutcome, compare_with_prior
 from model.types import Prediction
 from pipeline.convert import convert_series
-from pipeline.notes import ClinicalNote, choose_notes, format_note_text
+from pipeline.notes import ClinicalNote, format_note_text
 from pipeline.preprocess import Preprocessed, default_template_path, preprocess, qc_checks
 from pipeline.select import SeriesCandidate, select_series
+from pipeline.volumetry import Volumes
 from structured_reports.keyslices import key_slices
 from structured_reports.texts import processing_failure_text
 from structured_reports.types import DeviceInfo, KeySlice, NotesUsed, ReportInput, SeriesRequirement
@@ -65,6 +68,11 @@ class _Progress:
     stage: str = "started"
     #: Audit columns gathered since the last write; recorded by the next one (the end of the run at the latest).
     pending: dict[str, Any] = field(default_factory=dict)
+    #: The study's volumes, or None and why (volumetry off: None and "").
+    volumes: Volumes | None = None
+    volumes_note: str = ""
+    #: The comparison with the prior study (``prior.enabled`` off: an empty outcome).
+    prior: PriorOutcome = field(default_factory=PriorOutcome)
 
     def record(self, **values: Any) -> None:
         """Keep audit columns for the next write of the run's record."""
@@ -168,17 +176,7 @@ def _input_hash(session: Session, series_uid: str) -> str:
 
 
 def _notes_for(ctx: RunContext, inputs: _Inputs) -> list[ClinicalNote]:
-    if not inputs.patient_id:
-        return []
-    source = ctx.notes or NodeNotes(ctx.sessions)  # the notes store reads in its own short session
-    return choose_notes(
-        source.for_patient(inputs.patient_id),
-        patient_id=inputs.patient_id,
-        issuer=inputs.issuer,
-        study_date=inputs.study_date or date.today(),
-        accession_number=inputs.accession_number,
-        window_days=ctx.settings.processing.note_window_days,
-    )
+    return notes_for(ctx, inputs.patient_id, inputs.issuer, inputs.study_date, inputs.accession_number)
 
 
 def _device(ctx: RunContext) -> DeviceInfo:
@@ -194,10 +192,11 @@ def _device(ctx: RunContext) -> DeviceInfo:
 
 
 def _analyse(ctx: RunContext, run_id: str, inputs: _Inputs, progress: _Progress) -> tuple[str, Prediction, NotesUsed]:
-    """Select, convert, preprocess, join notes, infer; returns (series UID, prediction, notes used).
+    """Select, convert, preprocess, measure volumes, join notes, infer, compare with the prior study.
 
-    The run's record is written twice here, once the series is chosen and once it is preprocessed (the long
-    stages, so the admin view shows where a run is); the later stages' columns go with the end of the run.
+    Returns (series UID, prediction, notes used); the volumes and the comparison go to *progress*.  The run's
+    record is written twice here, once the series is chosen and once it is preprocessed (the long stages, so the
+    admin view shows where a run is); the later stages' columns go with the end of the run.
     """
     sessions, by_series = ctx.sessions, inputs.by_series
     with _stage(progress, "selected"):
@@ -220,6 +219,11 @@ def _analyse(ctx: RunContext, run_id: str, inputs: _Inputs, progress: _Progress)
     progress.qc = dict(pre.qc)
     _update(sessions, run_id, **progress.take())
     progress.key_slices = _key_slices(ctx, run_id, pre)
+    if ctx.volumetry is not None:
+        with _stage(progress, "volumes_measured"):
+            progress.volumes, progress.volumes_note = measure(ctx, run_id, pre)
+        progress.record(volumes=volumes_record(progress.volumes, ctx.volumetry) if progress.volumes else None,
+                        volumes_note=progress.volumes_note or None)
     with _stage(progress, "notes_joined"):
         notes = _notes_for(ctx, inputs)
     progress.record(
@@ -229,6 +233,12 @@ def _analyse(ctx: RunContext, run_id: str, inputs: _Inputs, progress: _Progress)
     with _stage(progress, "inferred"):
         prediction = ctx.predictor.predict(pre.volume, format_note_text(notes) if notes else None)
     progress.record(inferred_at=progress.stamps["inferred_at"])
+    if ctx.prior_client is not None:
+        with _stage(progress, "prior_compared"):
+            progress.prior = compare_with_prior(ctx, run_id, CurrentStudy(
+                inputs.study_uid, inputs.patient_id, inputs.issuer, inputs.study_date), workdir)
+        progress.seconds.update(progress.prior.seconds)
+        progress.record(**progress.prior.columns(ctx))
     return chosen, prediction, NotesUsed(tuple(n.note_date for n in notes))
 
 
@@ -372,6 +382,8 @@ def _finish(ctx: RunContext, run_id: str, inputs: _Inputs, result: _Result, prog
         not_analysed=not_analysed,
         qc=qc_checks(progress.qc, ctx.preprocess_config) if prediction is not None else (),
         requirement=SeriesRequirement.from_config(ctx.rules, ctx.preprocess_config),
+        normative=ctx.normative,
+        **(_comparisons(progress) if prediction is not None else {}),
     )
     with _stage(progress, "report_built"), sessions() as session:
         input_hash = _input_hash(session, chosen) if chosen else hashlib.sha256(
@@ -380,6 +392,8 @@ def _finish(ctx: RunContext, run_id: str, inputs: _Inputs, result: _Result, prog
         identity = run_identity(study_uid, chosen, input_hash, info.weights_sha256, notes=notes_rows,
                                 preprocessing=report.preprocessing_version,
                                 outcome=not_analysed[0].value if not_analysed is not None else None)
+        if prediction is not None:
+            identity = (*identity, *_comparison_identity(ctx, progress))
         written = write_objects(ctx.settings, session, run_id, sources, report, identity,
                                 instance_number=sequence, content_datetime=created_at, slices=progress.key_slices)
         destinations, routing_error = routes(ctx.settings, session, run_id)
@@ -427,6 +441,33 @@ def _finish(ctx: RunContext, run_id: str, inputs: _Inputs, result: _Result, prog
     progress.take()
     shutil.rmtree(ctx.settings.work_dir / run_id, ignore_errors=True)
     logger.info("run %s finished: %s", run_id, values.get("predicted_class") or values.get("outcome"))
+
+
+def _comparisons(progress: _Progress) -> dict[str, Any]:
+    """The report's volumes and comparison with the prior (each with its note)."""
+    return {"volumes": progress.volumes, "volumes_note": progress.volumes_note, "prior": progress.prior.prior,
+            "prior_note": progress.prior.note}
+
+
+def _comparison_identity(ctx: RunContext, progress: _Progress) -> tuple[str, ...]:
+    """Parts of the objects' identity for the volumes and the prior: other content, other UIDs (none when off).
+
+    Timings (``qc.seconds``, the prior's ``seconds``) are left out: the same input gives the same objects.
+    """
+    def timeless(record: Any) -> Any:
+        if not isinstance(record, dict):
+            return record
+        return {k: ({q: v for q, v in value.items() if q != "seconds"} if k == "qc" and isinstance(value, dict)
+                    else timeless(value)) for k, value in record.items() if k != "seconds"}
+
+    values = {
+        "volumes": (volumes_record(progress.volumes, ctx.volumetry)
+                    if progress.volumes is not None and ctx.volumetry is not None else None),
+        "volumes_note": progress.volumes_note or None,
+        **({} if progress.prior == PriorOutcome() else progress.prior.columns(ctx)),
+    }
+    return tuple(f"{key}:" + hashlib.sha256(json.dumps(timeless(value), sort_keys=True).encode()).hexdigest()
+                 for key, value in values.items() if value is not None)
 
 
 def _key_slices(ctx: RunContext, run_id: str, pre: Preprocessed) -> list[KeySlice]:

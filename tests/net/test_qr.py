@@ -124,7 +124,7 @@ def test_more_matches_than_the_bound_is_refused(tmp_path: Path, qr_pacs: QRPacs)
 def test_c_move_sends_every_instance_to_the_node_ae(tmp_path: Path, qr_pacs: QRPacs) -> None:
     t1 = qr_pacs.series["prior"][0]
     with storage_scp(qr_pacs.node_port) as received:
-        result = client(tmp_path, qr_pacs).retrieve_series(t1.study_uid, t1.series_uid)
+        result = client(tmp_path, qr_pacs, **{"prior.retrieve": "move"}).retrieve_series(t1.study_uid, t1.series_uid)
         # The C-MOVE's final response follows the last sub-operation's C-STORE response.
         assert {str(ds.SOPInstanceUID) for ds in received} == t1.sop_uids
     assert (result.method, result.status, result.completed, result.failed, result.warning) == (
