@@ -73,8 +73,8 @@ demo-model: setup
 	$(BIN)/dicom-node model pretrain --out model/demo --size 64
 	$(BIN)/dicom-node synth cohort --out var/cohort64 --subjects 240 --size 64 --seed 1
 	$(BIN)/dicom-node train var/cohort64/manifest.csv --out var/runs/demo --demo-base \
-	    --demo-vision model/demo/vision.safetensors --inputs mri+note --epochs 20 --lr-projection 1e-3 \
-	    --lr-head 1e-2 --seed 0 --no-progress --export-demo model/demo
+	    --demo-vision model/demo/vision.safetensors --note-numbers --inputs mri+note --epochs 20 \
+	    --lr-projection 1e-3 --lr-head 1e-2 --seed 0 --no-progress --export-demo model/demo
 
 chaos: setup
 	$(BIN)/python -m benchmarks.chaos

@@ -46,8 +46,8 @@ BASELINES = {"MRI features": "baseline: logistic regression, 7 MRI features",
              "both": "baseline: logistic regression, both"}
 
 #: How the Brain-Adapter is trained on every seed (the committed demonstration recipe).
-TRAIN_ARGS = ("--demo-base --demo-vision model/demo/vision.safetensors --epochs 20 --lr-projection 1e-3 "
-              "--lr-head 1e-2")
+TRAIN_ARGS = ("--demo-base --demo-vision model/demo/vision.safetensors --note-numbers --epochs 20 "
+              "--lr-projection 1e-3 --lr-head 1e-2")
 
 #: The synthetic cohort of README.
 COHORT_ARGS = "--subjects 240 --size 64 --seed 1"

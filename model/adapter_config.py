@@ -71,6 +71,17 @@ class BrainAdapterConfig:
         (CLS) token, as M3D-CLIP's BERT was trained to be read, or the mean over
         the attention mask, as sentence-transformers' all-MiniLM-L6-v2 was
         trained.  A saved configuration without the field reads as "cls".
+    note_numbers : bool
+        Whether the fusion head also reads the note's parsed numbers (age,
+        education, MMSE, CDR-SB, memory complaints: :mod:`model.notenumbers`),
+        standardised and mapped by a trainable linear layer.  Needs ``use_note``.
+        A saved configuration without the field reads as False.  With it the
+        fusion head's logits add to the image head's (late fusion,
+        :mod:`model.brain_adapter`).
+    note_text : bool
+        With ``note_numbers``: whether the fusion head also reads the text
+        embedding (``[text, numbers]``) or the numbers alone.  A saved
+        configuration without the field reads as True.
     """
 
     vit: ViTConfig = field(default_factory=ViTConfig)
@@ -86,6 +97,8 @@ class BrainAdapterConfig:
     text_encoder_name: str = ""
     input_pool: int = 1
     text_pooling: str = "cls"
+    note_numbers: bool = False
+    note_text: bool = True
 
     def __post_init__(self) -> None:
         """Validate the configuration.
@@ -111,6 +124,10 @@ class BrainAdapterConfig:
             raise ValueError(f"classes must be {CLASSES}")
         if self.text_pooling not in TEXT_POOLINGS:
             raise ValueError(f"text_pooling must be one of {TEXT_POOLINGS}, got {self.text_pooling!r}")
+        if self.note_numbers and not self.use_note:
+            raise ValueError("note_numbers=True needs use_note=True (the numbers come from the note)")
+        if not self.note_text and not self.note_numbers:
+            raise ValueError("note_text=False needs note_numbers=True (the fusion head must read some of the note)")
 
     @property
     def depth_factor(self) -> int:
@@ -133,6 +150,8 @@ class BrainAdapterConfig:
             "text_encoder_name": self.text_encoder_name,
             "input_pool": self.input_pool,
             "text_pooling": self.text_pooling,
+            "note_numbers": self.note_numbers,
+            "note_text": self.note_text,
         }
 
     @classmethod

@@ -6,9 +6,10 @@ features, missing values replaced by the training median):
 
 * **MRI features**: :data:`IMAGE_FEATURES`, computed by :func:`image_features` from
   the preprocessed volume the model sees (the manifest's ``.npy``);
-* **note numbers**: :data:`NOTE_FEATURES`, read from the note by :func:`parse_note`,
-  this baseline's own small regular-expression parser (the model never uses it:
-  the model reads the note's text with its text tower);
+* **note numbers**: :data:`NOTE_FEATURES`, read from the note by
+  :func:`model.notenumbers.parse_note`, a small regular-expression parser -- the
+  same one a model trained with ``--note-numbers`` reads its note-number vector
+  with (the model's text tower reads the note's words either way);
 * **both**: the two sets side by side.
 
 Each is fitted on the run's training subjects only (the subjects the run trained
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from scipy import ndimage
 
 from model.dataset import Sample, VolumeStore
 from model.intervals import N_BOOTSTRAP, bootstrap_intervals, format_interval
+from model.notenumbers import NOTE_FEATURES, parse_note
 from model.types import CLASSES
 
 logger = logging.getLogger(__name__)
@@ -73,9 +74,6 @@ logger = logging.getLogger(__name__)
 IMAGE_FEATURES: tuple[str, ...] = ("csf_fraction", "central_csf_fraction", "central_mean_intensity",
                                    "white_matter_fraction", "mtl_mean_intensity", "mtl_csf_fraction",
                                    "intracranial_fraction")
-
-#: Note numbers, in column order.
-NOTE_FEATURES: tuple[str, ...] = ("age", "education_years", "mmse", "cdr_sb", "memory_complaints")
 
 #: The three baselines and their columns.
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
@@ -108,65 +106,6 @@ MTL_BOXES: tuple[tuple[tuple[float, float], ...], ...] = (
 
 #: A class needs at least this many training scans for the baseline to be fitted.
 MIN_TRAIN_PER_CLASS = 2
-
-_NUMBER = r"(\d{1,3}(?:\.\d+)?)"
-_AGE = (re.compile(_NUMBER + r"\s*[- ]?\s*(?:year|yr)s?[- ]?old\b", re.I),
-        re.compile(r"\b(?:age|aged)\s*[:=]?\s*" + _NUMBER + r"\b", re.I),
-        re.compile(_NUMBER + r"\s*(?:y/?o|yo)\b", re.I))
-_EDUCATION = (re.compile(_NUMBER + r"\s*(?:years?|yrs?)\s+(?:of\s+)?(?:education|schooling)\b", re.I),
-              re.compile(r"\b(?:education|schooling)\s*[:=]?\s*" + _NUMBER + r"\s*(?:years?|yrs?)?", re.I))
-_MMSE = (re.compile(r"\b(?:MMSE|mini[- ]mental(?:\s+state)?(?:\s+exam(?:ination)?)?)(?:\s+score)?\s*[:=]?\s*"
-                    + _NUMBER + r"(?:\s*(?:/|of|out of)\s*30)?", re.I),)
-_CDR_SB = (re.compile(r"\bCDR[- ]?SB\b\s*[:=]?\s*" + _NUMBER, re.I),
-           re.compile(r"\bCDR\s+sum\s+of\s+boxes\s*[:=]?\s*" + _NUMBER, re.I))
-_COMPLAINTS = ((re.compile(r"\bno\s+(?:memory\s+)?complaints?\b", re.I), 0.0),
-               (re.compile(r"\b(?:occasional|mild|some)\s+memory\s+complaints?\b", re.I), 1.0),
-               (re.compile(r"\b(?:frequent|marked|severe)\s+memory\s+complaints?\b", re.I), 2.0))
-_RANGES = {"age": (18.0, 120.0), "education_years": (0.0, 30.0), "mmse": (0.0, 30.0), "cdr_sb": (0.0, 18.0)}
-
-
-def _first(patterns: Sequence[re.Pattern[str]], text: str, name: str) -> float:
-    """The first number a pattern finds, within the plausible range of ``name``; NaN otherwise."""
-    low, high = _RANGES[name]
-    for pattern in patterns:
-        for match in pattern.finditer(text):
-            value = float(match.group(1))
-            if low <= value <= high:
-                return value
-    return math.nan
-
-
-def parse_note(text: str) -> dict[str, float]:
-    """The numbers of a clinical note, for the baseline only.
-
-    Recognised forms (case-insensitive): age ``73-year-old``, ``Age 73``, ``aged 73``,
-    ``73 yo``; education ``16 years of education``, ``16 years of schooling``,
-    ``Education 16 years``; ``MMSE 27/30``, ``MMSE score 27 of 30``,
-    ``Mini-Mental State Examination: 27``; ``CDR-SB 1.5``, ``CDR sum of boxes 1.5``
-    (never the global CDR); memory complaints ``no`` / ``occasional`` (``mild``,
-    ``some``) / ``frequent`` (``marked``, ``severe``).  A value outside its
-    plausible range (age 18-120, education 0-30, MMSE 0-30, CDR-SB 0-18) is
-    treated as absent.
-
-    Parameters
-    ----------
-    text : str
-        The note ("" for none).
-
-    Returns
-    -------
-    dict
-        :data:`NOTE_FEATURES` to a float, NaN when the note does not state it.
-    """
-    complaints = math.nan
-    for pattern, level in _COMPLAINTS:
-        if pattern.search(text):
-            complaints = level
-            break
-    return {"age": _first(_AGE, text, "age"), "education_years": _first(_EDUCATION, text, "education_years"),
-            "mmse": _first(_MMSE, text, "mmse"), "cdr_sb": _first(_CDR_SB, text, "cdr_sb"),
-            "memory_complaints": complaints}
-
 
 def _box(bounds: tuple[NDArray[np.int64], NDArray[np.int64]],
          fractions: tuple[tuple[float, float], ...]) -> tuple[slice, ...]:

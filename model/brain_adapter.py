@@ -16,6 +16,15 @@ Classification, two heads (our design):
   a note gets (``used_note=False``).
 * ``fusion_head`` over ``[image, text]`` embeddings, only when ``use_note``; it answers
   for samples that have a note.
+* With ``config.note_numbers`` the note brings its parsed numbers (age,
+  education, MMSE, CDR-SB, memory complaints), standardised with training
+  statistics, with missing-indicators, through a trainable linear layer
+  (``note_numbers``, :class:`model.notenumbers.NoteNumbers`), because the frozen
+  sentence encoder barely carries the size of a number (docs/model.md).  The
+  fusion head then reads ``[text, numbers]`` (``config.note_text``) or the
+  numbers alone, and its logits are *added* to the image head's, which it does
+  not train (late fusion: the note adds evidence to the image's answer and does
+  not reshape the image side).
 
 Loss = CE(image_head) + CE(fusion_head, samples with a note)
 + ``contrastive_weight`` * symmetric CLIP loss over the samples with a note, with
@@ -37,6 +46,7 @@ from torch import nn
 from torch.nn import functional
 
 from model.adapter_config import BrainAdapterConfig, Preset
+from model.notenumbers import NOTE_FEATURES, NoteNumbers, note_number_matrix
 from model.text import TextEncoder
 from model.vit import ViT3D
 
@@ -160,13 +170,18 @@ class BrainAdapter(nn.Module):
         self.language_encoder: nn.Module | None = None
         self.mm_language_proj: nn.Linear | None = None
         self.fusion_head: nn.Linear | None = None
+        self.note_numbers: NoteNumbers | None = None
         if config.use_note:
             if text_encoder is None:
                 raise ValueError("use_note=True needs a text encoder")
             self.text_encoder = text_encoder
             self.language_encoder = text_encoder.model
             self.mm_language_proj = nn.Linear(text_encoder.hidden_size, config.embed_dim)
-            self.fusion_head = nn.Linear(2 * config.embed_dim, n_classes)
+            # [image, text]; with note numbers [text, numbers] or [numbers]
+            parts = 2 if not config.note_numbers or config.note_text else 1
+            self.fusion_head = nn.Linear(parts * config.embed_dim, n_classes)
+            if config.note_numbers:  # built last: the other parts' seeded initialisation stays as it was
+                self.note_numbers = NoteNumbers(len(NOTE_FEATURES), config.embed_dim)
         self.apply_preset()
 
     # ------------------------------------------------------------------ training set-up
@@ -177,10 +192,14 @@ class BrainAdapter(nn.Module):
         -------
         list of str
             Attribute names, e.g. ``["image_head", "fusion_head", "mm_vision_proj", ...]``.
+            The note-number layer, new in every base, is trained in every preset,
+            as the heads are.
         """
         names = ["image_head"]
         if self.fusion_head is not None:
             names.append("fusion_head")
+        if self.note_numbers is not None:
+            names.append("note_numbers")
         if self.config.preset in (Preset.TLP, Preset.BRAIN_ADAPTER):
             names += ["mm_vision_proj", "logit_scale"]
             if self.mm_language_proj is not None:
@@ -345,6 +364,22 @@ class BrainAdapter(nn.Module):
             raise RuntimeError("this model has no text encoder (use_note=False)")
         return self.text_encoder.tokenize(notes, self.config.max_text_length)
 
+    def note_numbers_of(self, notes: list[str]) -> torch.Tensor:
+        """The raw note numbers :meth:`forward` takes as ``note_numbers`` (:mod:`model.notenumbers`).
+
+        Parameters
+        ----------
+        notes : list of str
+            One note per sample (empty string for none).
+
+        Returns
+        -------
+        torch.Tensor
+            (B, len(NOTE_FEATURES)) float32 on the CPU, NaN where a note does not
+            state a number.
+        """
+        return torch.from_numpy(note_number_matrix(notes))
+
     def forward(
         self,
         volume: torch.Tensor,
@@ -352,6 +387,7 @@ class BrainAdapter(nn.Module):
         attention_mask: torch.Tensor | None = None,
         note_mask: torch.Tensor | None = None,
         text_hidden: torch.Tensor | None = None,
+        note_numbers: torch.Tensor | None = None,
     ) -> BrainAdapterOutput:
         """Classify a batch.
 
@@ -366,11 +402,19 @@ class BrainAdapter(nn.Module):
             ``input_ids`` (or ``text_hidden``) is given.
         text_hidden : torch.Tensor, optional
             (B, text hidden) precomputed by :meth:`text_hidden`, instead of tokens.
+        note_numbers : torch.Tensor, optional
+            (B, len(NOTE_FEATURES)) from :meth:`note_numbers_of`; required with a note
+            when the model reads note numbers (``config.note_numbers``).
 
         Returns
         -------
         BrainAdapterOutput
             Logits and embeddings.
+
+        Raises
+        ------
+        RuntimeError
+            When the model reads note numbers and notes come without them.
         """
         batch = volume.shape[0]
         image_embeds = self.encode_image(volume)
@@ -384,7 +428,14 @@ class BrainAdapter(nn.Module):
         if input_ids is not None and attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         text_embeds = self.encode_text(input_ids, attention_mask, text_hidden)
-        fused_logits = self.fusion_head(torch.cat([image_embeds, text_embeds], dim=-1))
+        if self.note_numbers is None:
+            fused_logits = self.fusion_head(torch.cat([image_embeds, text_embeds], dim=-1))
+        else:
+            if note_numbers is None:
+                raise RuntimeError("this model reads the note's numbers: pass note_numbers (note_numbers_of)")
+            numbers = self.note_numbers(note_numbers.to(volume.device)).to(text_embeds.dtype)
+            note = torch.cat([text_embeds, numbers], dim=-1) if self.config.note_text else numbers
+            fused_logits = image_logits.detach() + self.fusion_head(note)
         logits = torch.where(note_mask[:, None], fused_logits, image_logits)
         return BrainAdapterOutput(logits, image_logits, fused_logits, image_embeds, text_embeds, note_mask)
 

@@ -83,7 +83,7 @@ def demo_vit_config(size: int) -> ViTConfig:
 
 
 def demo_base_config(size: int, *, use_note: bool, input_pool: int = 1,
-                     text_pooling: str = "mean") -> BrainAdapterConfig:
+                     text_pooling: str = "mean", note_numbers: bool = False) -> BrainAdapterConfig:
     """Configuration of the demonstration base.
 
     Parameters
@@ -97,6 +97,13 @@ def demo_base_config(size: int, *, use_note: bool, input_pool: int = 1,
     text_pooling : {"mean", "cls"}
         Pooling of MiniLM's token states: "mean", as it was trained; "cls" only to
         rebuild runs made before the field existed.
+    note_numbers : bool
+        The note brings its parsed numbers (:mod:`model.notenumbers`).  Chosen on
+        the validation subjects of seeds 0-4 (docs/model.md, "The note path"): the
+        fusion head then reads the numbers alone (``note_text=False``), its logits
+        add to the image head's, and there is no contrastive term
+        (``contrastive_weight=0``), so the image side is trained exactly as
+        without a note.
 
     Returns
     -------
@@ -116,6 +123,9 @@ def demo_base_config(size: int, *, use_note: bool, input_pool: int = 1,
         text_encoder_name=MINILM_NAME if use_note else "",
         classes=CLASSES,
         text_pooling=text_pooling,
+        note_numbers=note_numbers,
+        note_text=not note_numbers,
+        contrastive_weight=0.0 if note_numbers else 0.5,
     )
 
 
@@ -239,6 +249,9 @@ class BaseSpec:
     text_pooling : str
         Pooling of the text tower's states (demo).  Specs written before the field
         existed read as "cls", the pooling those runs were trained with.
+    note_numbers : bool
+        The fusion head also reads the note's parsed numbers (demo); specs written
+        before the field existed read as False.
     """
 
     kind: str
@@ -249,12 +262,13 @@ class BaseSpec:
     vision: str = ""
     vision_sha256: str = ""
     text_pooling: str = "mean"
+    note_numbers: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"kind": self.kind, "size": self.size, "seed": self.seed, "use_note": self.use_note,
                 "path": self.path, "vision": self.vision, "vision_sha256": self.vision_sha256,
-                "text_pooling": self.text_pooling}
+                "text_pooling": self.text_pooling, "note_numbers": self.note_numbers}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseSpec:
@@ -262,12 +276,13 @@ class BaseSpec:
         return cls(kind=str(data["kind"]), size=int(data["size"]), seed=int(data["seed"]),
                    use_note=bool(data["use_note"]), path=str(data.get("path", "")),
                    vision=str(data.get("vision", "")), vision_sha256=str(data.get("vision_sha256", "")),
-                   text_pooling=str(data.get("text_pooling", "cls")))
+                   text_pooling=str(data.get("text_pooling", "cls")),
+                   note_numbers=bool(data.get("note_numbers", False)))
 
 
 def build_demo_base(size: int, *, seed: int, use_note: bool, input_pool: int = 1,
                     vision: Path | None = None, vision_sha256: str | None = None,
-                    text_pooling: str = "mean") -> BrainAdapter:
+                    text_pooling: str = "mean", note_numbers: bool = False) -> BrainAdapter:
     """The demonstration base: seeded (same seed, same weights), its ViT optionally pretrained.
 
     Parameters
@@ -286,6 +301,8 @@ def build_demo_base(size: int, *, seed: int, use_note: bool, input_pool: int = 1
         Refuse the vision file unless its tensors hash to this.
     text_pooling : str
         Pooling of the text tower's states (:attr:`BrainAdapterConfig.text_pooling`).
+    note_numbers : bool
+        The fusion head also reads the note's parsed numbers.
 
     Returns
     -------
@@ -297,7 +314,8 @@ def build_demo_base(size: int, *, seed: int, use_note: bool, input_pool: int = 1
     ModelLoadError
         When the vision file is missing, does not fit or has another hash.
     """
-    config = demo_base_config(size, use_note=use_note, input_pool=input_pool, text_pooling=text_pooling)
+    config = demo_base_config(size, use_note=use_note, input_pool=input_pool, text_pooling=text_pooling,
+                              note_numbers=note_numbers)
     text = load_text_encoder(packaged_minilm_path(), with_weights=True) if use_note else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -338,7 +356,7 @@ def build_demo_base_from_spec(spec: BaseSpec, *, input_pool: int = 1, root: Path
             vision = Path(root) / vision
     return build_demo_base(spec.size, seed=spec.seed, use_note=spec.use_note, input_pool=input_pool,
                            vision=vision, vision_sha256=spec.vision_sha256 or None,
-                           text_pooling=spec.text_pooling)
+                           text_pooling=spec.text_pooling, note_numbers=spec.note_numbers)
 
 
 def build_base(spec: BaseSpec) -> tuple[BrainAdapter, str]:

@@ -5,6 +5,10 @@
   without a note goes through the image-only head and stays out of the fusion and
   contrastive terms -- as :meth:`model.inference.Predictor.predict` does at
   inference.  Empty notes are never encoded.
+* The note's numbers: for a model that reads them (``config.note_numbers``),
+  :meth:`BrainAdapter.note_numbers_of` parses every note once, as
+  :meth:`model.inference.Predictor.predict` does for one note, and the raw numbers
+  travel with the batch; the model standardises them with its training statistics.
 * The device: every tensor the model receives goes through :meth:`Batch.to` (or,
   for the frozen text tower, :func:`text_hidden_cache`), which moves it to the
   model's device.
@@ -86,12 +90,16 @@ class Batch:
         (B,) bool, which scans have a note; None with ``text_hidden``.
     labels : torch.Tensor or None
         (B,) class indices.
+    note_numbers : torch.Tensor or None
+        (B, len(NOTE_FEATURES)) raw note numbers (NaN: absent), for a model that
+        reads them; None otherwise.
     """
 
     volume: torch.Tensor
     text_hidden: torch.Tensor | None = None
     note_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    note_numbers: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         """The same batch with every tensor on ``device``."""
@@ -99,13 +107,16 @@ class Batch:
             return None if t is None else t.to(device)
 
         return Batch(self.volume.to(device=device, dtype=torch.float32), move(self.text_hidden),
-                     move(self.note_mask), move(self.labels))
+                     move(self.note_mask), move(self.labels), move(self.note_numbers))
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`BrainAdapter.forward` besides the volume."""
         if self.text_hidden is None:
             return {}
-        return {"text_hidden": self.text_hidden, "note_mask": self.note_mask}
+        kwargs = {"text_hidden": self.text_hidden, "note_mask": self.note_mask}
+        if self.note_numbers is not None:
+            kwargs["note_numbers"] = self.note_numbers
+        return kwargs
 
 
 @dataclass
@@ -122,19 +133,24 @@ class Inputs:
         (N,) bool from :func:`note_mask`.
     labels : torch.Tensor
         (N,) class indices.
+    note_numbers : torch.Tensor or None
+        (N, len(NOTE_FEATURES)) raw note numbers for a model that reads them
+        (:meth:`BrainAdapter.note_numbers_of`); None otherwise.
     """
 
     volumes: VolumeStore
     text_hidden: torch.Tensor | None
     notes_present: torch.Tensor
     labels: torch.Tensor
+    note_numbers: torch.Tensor | None = None
 
     def batch(self, indices: Sequence[int]) -> Batch:
         """The batch of the given scans, on the CPU."""
         idx = list(indices)
         text = None if self.text_hidden is None else self.text_hidden[idx]
         mask = None if self.text_hidden is None else self.notes_present[idx]
-        return Batch(self.volumes.load(idx), text, mask, self.labels[idx])
+        numbers = None if self.text_hidden is None or self.note_numbers is None else self.note_numbers[idx]
+        return Batch(self.volumes.load(idx), text, mask, self.labels[idx], numbers)
 
 
 @dataclass
@@ -221,9 +237,13 @@ def build_inputs(model: BrainAdapter, samples: list[Sample], inputs: str) -> Inp
     Returns
     -------
     Inputs
-        What :meth:`Inputs.batch` builds batches from.
+        What :meth:`Inputs.batch` builds batches from (with the raw note numbers
+        when the model reads them).
     """
     volumes = VolumeStore([s.volume for s in samples], model.config.input_size, empty=inputs == "note")
     notes = [s.note for s in samples]
     text = text_hidden_cache(model, notes) if inputs != "mri" else None
-    return Inputs(volumes, text, note_mask(notes), torch.tensor([s.label for s in samples]))
+    numbers = None
+    if text is not None and model.note_numbers is not None:
+        numbers = model.note_numbers_of([n.strip() if has_note(n) else "" for n in notes])
+    return Inputs(volumes, text, note_mask(notes), torch.tensor([s.label for s in samples]), numbers)

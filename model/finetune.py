@@ -32,6 +32,7 @@ from torch import nn
 from model.adapter_config import BrainAdapterConfig, Preset
 from model.brain_adapter import BrainAdapter
 from model.errors import ModelLoadError
+from model.notenumbers import NoteNumbers
 from model.text import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,17 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Returns
     -------
     dict
-        Name to detached CPU tensor, for every parameter with ``requires_grad``.
+        Name to detached CPU tensor, for every parameter with ``requires_grad``, and
+        the buffers fitted on training data of the trained note-number layer
+        (:attr:`model.notenumbers.NoteNumbers.FITTED_BUFFERS`: its standardisation),
+        which belong with its weights.
     """
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    state = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for name, module in model.named_modules():
+        if isinstance(module, NoteNumbers) and any(p.requires_grad for p in module.parameters()):
+            for buffer in NoteNumbers.FITTED_BUFFERS:
+                state[f"{name}.{buffer}"] = getattr(module, buffer).detach().to("cpu").contiguous()
+    return state
 
 
 def save_adapter_file(model: nn.Module, path: Path, *, base_weights_sha256: str, preset: Preset,

@@ -20,6 +20,7 @@ from model.brain_adapter import BrainAdapter
 from model.checkpoint import ModelManifest, load_model, save_model
 from model.errors import ModelInputError, ModelLoadError
 from model.feed import has_note
+from model.notenumbers import NOTE_FEATURES
 from model.text import load_text_encoder, packaged_minilm_path
 from model.types import CLASSES, ModelInfo, Prediction
 from model.vit import ViTConfig
@@ -127,6 +128,8 @@ class Predictor:
             params["base_weights_sha256"] = self.manifest.trained["base_weights_sha256"]
         if cfg.use_note:
             params["text_encoder"] = cfg.text_encoder_name or Path(cfg.text_encoder_path).name
+        if cfg.note_numbers:
+            params["note_numbers"] = "parsed from the note: " + ", ".join(NOTE_FEATURES)
         return ModelInfo(
             name=self.manifest.name,
             version=self.manifest.version,
@@ -167,7 +170,9 @@ class Predictor:
         -------
         Prediction
             Class probabilities ``softmax(logits / temperature)`` (summing to 1),
-            the most probable class, and whether the note entered the model.
+            the most probable class, and whether the note entered the model (its
+            text, and for a model with ``note_numbers`` its parsed numbers, as in
+            training: :mod:`model.feed`).
 
         Raises
         ------
@@ -183,8 +188,10 @@ class Predictor:
         with torch.inference_mode():
             if use_note:
                 tokens = {k: v.to(self.device) for k, v in self.model.tokenize([text]).items()}
+                numbers = self.model.note_numbers_of([text]) if self.model.note_numbers is not None else None
                 out = self.model(x, tokens["input_ids"], tokens["attention_mask"],
-                                 note_mask=torch.ones(1, dtype=torch.bool, device=self.device))
+                                 note_mask=torch.ones(1, dtype=torch.bool, device=self.device),
+                                 note_numbers=numbers)
             else:
                 out = self.model(x)
             probs = torch.softmax(out.logits[0].double() / self.temperature, dim=-1).cpu().numpy()
@@ -237,7 +244,8 @@ def init_trained_demo_model(out_dir: Path, demo_dir: Path | None = None) -> Path
     spec = BaseSpec.from_dict(info["base"])
     model = build_demo_base_from_spec(spec, input_pool=int(info["input_pool"]), root=folder)
     load_adapter_file(model, folder / DEMO_ADAPTER_FILE, base_weights_sha256=state_sha256(model))
-    tag = f"{spec.size}cube.seed{spec.seed}" + (".pretrained" if spec.vision else "")
+    tag = (f"{spec.size}cube.seed{spec.seed}" + (".pretrained" if spec.vision else "")
+           + (".notenumbers" if spec.note_numbers else ""))
     return save_model(
         model,
         Path(out_dir),

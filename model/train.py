@@ -88,7 +88,8 @@ __all__ = ["ADAPTER_FILE", "CHECKPOINT_FILE", "LORA_DIR", "SUMMARY_FILE", "Train
 PROJECTIONS = ("mm_vision_proj", "mm_language_proj", "logit_scale")
 
 
-HEADS = ("image_head", "fusion_head")
+#: Trained at the heads' learning rate: the heads and the note-number layer (new in every base).
+HEADS = ("image_head", "fusion_head", "note_numbers")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,10 @@ class TrainConfig:
     data_init : bool or None
         Whiten the projections on training data first (:func:`data_dependent_init`);
         None: only for the demonstration base.
+    note_numbers : bool
+        The demonstration base's fusion head also reads the note's parsed numbers
+        (:mod:`model.notenumbers`), standardised with the training scans'
+        statistics; ignored for ``inputs="mri"`` (no note).
     """
 
     manifest: str
@@ -180,6 +185,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     data_init: bool | None = None
+    note_numbers: bool = False
 
     def __post_init__(self) -> None:
         """Validate.
@@ -207,6 +213,9 @@ class TrainConfig:
         if self.demo_vision and not self.demo_base:
             raise ModelInputError("a pretrained vision file (--demo-vision) belongs to the demonstration base "
                                   "(--demo-base)")
+        if self.note_numbers and not self.demo_base:
+            raise ModelInputError("note numbers (--note-numbers) are built into the demonstration base "
+                                  "(--demo-base); a base model directory reads them when its configuration does")
 
 
 def base_spec(config: TrainConfig, size: int) -> BaseSpec:
@@ -216,7 +225,7 @@ def base_spec(config: TrainConfig, size: int) -> BaseSpec:
     vision = Path(config.demo_vision).resolve() if config.demo_vision else None
     return BaseSpec(kind="demo", size=size, seed=config.base_seed, use_note=config.inputs != "mri",
                     vision=str(vision) if vision else "", vision_sha256=vision_file_sha256(vision) if vision else "",
-                    text_pooling="mean")
+                    text_pooling="mean", note_numbers=config.note_numbers and config.inputs != "mri")
 
 
 def prepare_model(spec: BaseSpec, preset: str, inputs: str) -> tuple[BrainAdapter, str]:
@@ -336,6 +345,26 @@ def data_dependent_init(model: BrainAdapter, inputs: Inputs, indices: list[int],
             whiten(model.mm_language_proj, inputs.text_hidden[with_note].to(device))
 
 
+def fit_note_numbers(model: BrainAdapter, inputs: Inputs, indices: list[int]) -> None:
+    """Standardise the note-number layer on the training scans with a note (no labels); no-op without one.
+
+    Parameters
+    ----------
+    model : BrainAdapter
+        The model.
+    inputs : Inputs
+        The scans, with their raw note numbers.
+    indices : list of int
+        The training scans.
+    """
+    if model.note_numbers is None or inputs.note_numbers is None:
+        return
+    with_note = [i for i in indices if bool(inputs.notes_present[i])]
+    with torch.no_grad():
+        model.note_numbers.fit(inputs.note_numbers[with_note])
+    logger.info("note numbers standardised on %d training scans", len(with_note))
+
+
 def _autocast(config: TrainConfig, device: torch.device) -> Any:
     use = config.bf16 if config.bf16 is not None else device.type == "cuda"
     if not use:
@@ -382,6 +411,7 @@ def train(config: TrainConfig) -> Path:
     device = torch.device(config.device)
     model.to(device)
     inputs = build_inputs(model, samples, config.inputs)
+    fit_note_numbers(model, inputs, fit_idx)
     if config.data_init if config.data_init is not None else spec.kind == "demo":  # resume overwrites it
         data_dependent_init(model, inputs, fit_idx, device)
     # With LoRA, ``net`` is the peft wrapper; ``model`` (the same modules) is what predict and loss use.

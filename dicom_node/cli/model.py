@@ -51,6 +51,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--demo-vision", type=Path,
                        help="pretrained vision file for --demo-base (`dicom-node model pretrain`), "
                             "e.g. model/demo/vision.safetensors")
+    train.add_argument("--note-numbers", action="store_true",
+                       help="the demonstration base's fusion head also reads the note's parsed numbers "
+                            "(age, education, MMSE, CDR-SB, memory complaints; model/notenumbers.py)")
     train.add_argument("--lora", type=int, default=0, metavar="R",
                        help="LoRA of rank R on the frozen ViT's attention (peft; 0: none)")
     train.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: R)")
@@ -232,7 +235,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     config = TrainConfig(
         manifest=str(args.manifest), out_dir=str(args.out), inputs=args.inputs, preset=args.preset,
         base=str(args.base) if args.base else "", demo_base=args.demo_base, base_seed=args.base_seed,
-        demo_vision=str(args.demo_vision) if args.demo_vision else "",
+        demo_vision=str(args.demo_vision) if args.demo_vision else "", note_numbers=args.note_numbers,
         lora_rank=args.lora, lora_alpha=args.lora_alpha, lr_lora=args.lr_lora, epochs=args.epochs,
         batch_size=args.batch_size, lr_adapter=args.lr_adapter, lr_projection=args.lr_projection,
         lr_head=args.lr_head, weight_decay=args.weight_decay, test_fraction=args.test_fraction,
