@@ -83,6 +83,152 @@ EQUIVALENT: dict[str, str] = {
         "session.scalar takes the first row: limit(None) gives the same",
     "dicom_node.ingest.completeness.x_study_input_lossy__mutmut_17":
         "session.scalar takes the first row: limit(2) gives the same",
+    "pipeline.select.x__describe__mutmut_12":
+        "int(None) and int('') raise and are caught: the number is -1 either way",
+    "pipeline.select.x__describe__mutmut_15":
+        "as _12",
+    "pipeline.select.x__image_count__mutmut_5":
+        "get default None: `None or 1` is 1",
+    "pipeline.select.x__image_count__mutmut_7":
+        "get default dropped (None): `None or 1` is 1",
+    "pipeline.select.x__orientation__mutmut_11":
+        "dtype=None: the cosines are Python floats, numpy makes float64 anyway",
+    "pipeline.select.x__orientation__mutmut_13":
+        "dtype dropped: the same float64 array",
+    "pipeline.select.x__orientation__mutmut_35":
+        "'MIXED': every rule test compares case-insensitively, and the plane is reported nowhere else",
+    "pipeline.select.x__orientation__mutmut_48":
+        "'OBLIQUE': as _35",
+    "pipeline.select.x__rule__mutmut_150":
+        "missing_ok default None: bool(None) is False",
+    "pipeline.select.x__rule__mutmut_152":
+        "missing_ok default dropped (None): bool(None) is False",
+    "pipeline.select.x_load_rules__mutmut_6":
+        "encoding 'UTF-8': codec names are case-insensitive",
+    "dicom_node.ingest.identity.x__identify__mutmut_7":
+        "the kind of SOPClassUID (UI/CS/IS/DA) changed: any kind but PN/LO/SH/LT/ST/UT/UC decodes as ASCII",
+    "dicom_node.ingest.identity.x__identify__mutmut_13":
+        "as _identify_7 (SOPClassUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_14":
+        "as _identify_7 (SOPClassUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_98":
+        "as _identify_7 (SOPInstanceUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_104":
+        "as _identify_7 (SOPInstanceUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_105":
+        "as _identify_7 (SOPInstanceUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_114":
+        "as _identify_7 (SeriesInstanceUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_120":
+        "as _identify_7 (SeriesInstanceUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_121":
+        "as _identify_7 (SeriesInstanceUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_130":
+        "as _identify_7 (StudyInstanceUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_136":
+        "as _identify_7 (StudyInstanceUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_137":
+        "as _identify_7 (StudyInstanceUID)",
+    "dicom_node.ingest.identity.x__identify__mutmut_34":
+        "as _identify_7 (Modality)",
+    "dicom_node.ingest.identity.x__identify__mutmut_40":
+        "as _identify_7 (Modality)",
+    "dicom_node.ingest.identity.x__identify__mutmut_41":
+        "as _identify_7 (Modality)",
+    "dicom_node.ingest.identity.x__identify__mutmut_53":
+        "as _identify_7 (SeriesNumber)",
+    "dicom_node.ingest.identity.x__identify__mutmut_59":
+        "as _identify_7 (SeriesNumber)",
+    "dicom_node.ingest.identity.x__identify__mutmut_60":
+        "as _identify_7 (SeriesNumber)",
+    "dicom_node.ingest.identity.x__identify__mutmut_188":
+        "as _identify_7 (StudyDate)",
+    "dicom_node.ingest.identity.x__identify__mutmut_194":
+        "as _identify_7 (StudyDate)",
+    "dicom_node.ingest.identity.x__identify__mutmut_195":
+        "as _identify_7 (StudyDate)",
+    "dicom_node.ingest.identity.x__pixel_values__mutmut_51":
+        "as _identify_7 (NumberOfFrames)",
+    "dicom_node.ingest.identity.x__pixel_values__mutmut_57":
+        "as _identify_7 (NumberOfFrames)",
+    "dicom_node.ingest.identity.x__pixel_values__mutmut_58":
+        "as _identify_7 (NumberOfFrames)",
+    "dicom_node.ingest.identity.x_read_identity__mutmut_80":
+        "as _identify_7 (LossyImageCompression)",
+    "dicom_node.ingest.identity.x_read_identity__mutmut_86":
+        "as _identify_7 (LossyImageCompression)",
+    "dicom_node.ingest.identity.x_read_identity__mutmut_87":
+        "as _identify_7 (LossyImageCompression)",
+    "dicom_node.ingest.identity.x__identify__mutmut_159":
+        "[:65] on PatientID: check_copied_attributes refuses more than 64 characters first",
+    "dicom_node.ingest.identity.x__identify__mutmut_172":
+        "[:65] on IssuerOfPatientID: refused above 64 characters first",
+    "dicom_node.ingest.identity.x__identify__mutmut_185":
+        "[:65] on AccessionNumber: refused above 16 characters first",
+    "dicom_node.ingest.identity.x__parse_da__mutmut_4":
+        "'XXXX' for an empty date: four characters, None either way",
+    "dicom_node.ingest.identity.x__pixel_values__mutmut_20":
+        "the message of the internal ValueError: only its class name is reported",
+    "dicom_node.ingest.identity.x__pixel_values__mutmut_21":
+        "as _20",
+    "dicom_node.ingest.identity.x__pixel_values__mutmut_22":
+        "as _20",
+    "dicom_node.ingest.identity.x__pixel_values__mutmut_23":
+        "as _20",
+    "dicom_node.ingest.identity.xǁHeaderǁ_value__mutmut_16":
+        "the message of the internal TypeError: only its class name is reported",
+    "dicom_node.ingest.identity.xǁHeaderǁ_value__mutmut_17":
+        "as _16",
+    "dicom_node.ingest.identity.xǁHeaderǁ_value__mutmut_18":
+        "as _16",
+    "dicom_node.ingest.identity.x_decode_dataset__mutmut_5":
+        "implicit VR None: falsy, read as explicit, like False",
+    "dicom_node.ingest.identity.x_decode_dataset__mutmut_16":
+        "deflated read as implicit VR: pydicom detects the VR from the first element",
+    "dicom_node.ingest.identity.x_decode_dataset__mutmut_19":
+        "implicit VR None: pydicom detects the VR from the first element",
+    "dicom_node.ingest.identity.x_identify__mutmut_6":
+        "getattr without a default: every element pydicom yields has a VR attribute",
+    "dicom_node.ingest.identity.x_is_lossy__mutmut_6":
+        "default None: `None or ''`, not '01'",
+    "dicom_node.ingest.identity.x_is_lossy__mutmut_8":
+        "default dropped (None): as _6",
+    "dicom_node.ingest.identity.x_is_lossy__mutmut_12":
+        "default 'XXXX': not '01'",
+    "dicom_node.ingest.identity.x_is_lossy__mutmut_13":
+        "`or 'XXXX'`: not '01'",
+    "dicom_node.ingest.identity.x_read_identity__mutmut_41":
+        "little_endian=None: falsy, the big-endian codec, like False",
+    "dicom_node.ingest.identity.xǁHeaderǁ_charset_names__mutmut_19":
+        "codec 'ASCII': codec names are case-insensitive",
+    "dicom_node.ingest.identity.xǁHeaderǁtext__mutmut_35":
+        "codec 'ASCII': as _charset_names_19",
+    "structured_reports.sr.x_build_sr__mutmut_49":
+        "title=None: highdicom's MeasurementReport defaults to the same title",
+    "structured_reports.sr.x_build_sr__mutmut_53":
+        "title dropped: as _49",
+    "structured_reports.sr.x_build_sr__mutmut_83":
+        "is_final=None: falsy, highdicom writes PRELIMINARY as for False",
+    "structured_reports.sr.x_build_sr__mutmut_103":
+        "is_final dropped: highdicom's default is False",
+    "structured_reports.sr.x_build_sr__mutmut_84":
+        "is_verified=None: falsy, UNVERIFIED as for False",
+    "structured_reports.sr.x_build_sr__mutmut_104":
+        "is_verified dropped: highdicom's default is False",
+    "structured_reports.sr.x__measurement_group__mutmut_31":
+        "algorithm_id=None in the not-analysed group: the algorithm is None there",
+    "structured_reports.sr.x__measurement_group__mutmut_34":
+        "algorithm_id dropped in the not-analysed group: as _31",
+    "structured_reports.sr.x__probability__mutmut_21":
+        "a bare highdicom Measurement has no ContentSequence: the else branch runs either way",
+    "structured_reports.sr.x__probability__mutmut_22":
+        "as _21",
+    "structured_reports.sr.x__probability__mutmut_23":
+        "as _21",
+    "structured_reports.sr.x__probability__mutmut_25":
+        "the branch is never taken (as _21)",
+    "structured_reports.sr.x_check_report_input__mutmut_43":
+        ">= the tolerance: no double sum s has |s - 1| exactly 1e-3",
     "structured_reports.uids.x_derive_uid__mutmut_20":
         "separators: the name is a JSON list of strings, it has no key/value separator",
     "dicom_node.net.access.x__resolve__mutmut_10":
@@ -98,6 +244,8 @@ EQUIVALENT: dict[str, str] = {
     "dicom_node.outbox.delivery.x_attempt__mutmut_32":
         "as _29",
     "dicom_node.outbox.delivery.x_attempt__mutmut_36":
+        "as _29",
+    "dicom_node.outbox.delivery.x_attempt__mutmut_39":
         "as _29",
 }
 

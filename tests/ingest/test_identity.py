@@ -12,18 +12,12 @@ import datetime
 import zlib
 
 import pytest
-from pydicom import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
     CTImageStorage,
-    DeflatedExplicitVRLittleEndian,
     EnhancedMRImageStorage,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -50,59 +44,11 @@ from dicom_node.ingest.identity import (
     transfer_syntaxes,
 )
 from dicom_node.statuses import StoreStatus
+from tests.support.instances import PATHS, SERIES, SOP, STUDY, MiB, encode, mr, read, refused
 
-STUDY, SERIES, SOP = "1.2.826.0.1.3680043.8.498.10", "1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.12"
-MiB = 1024 * 1024
 #: The refused values are invalid on purpose; pydicom warns when the test writes them.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR", "ignore:The value length",
                                         "ignore:Unknown encoding")
-
-
-def mr(**values: object) -> Dataset:
-    """A received MR instance's header (no pixel data needed for the decisions)."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, SOP
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20260110", "101500", "ACC-1"
-    ds.Modality = "MR"
-    ds.PatientName, ds.PatientID, ds.IssuerOfPatientID = "Doe^Jane", "PID-1", "HOSP"
-    ds.PatientBirthDate, ds.PatientSex = "19500101", "F"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, SERIES
-    ds.SeriesNumber, ds.SeriesDescription = 3, "t1_mprage"
-    ds.SamplesPerPixel, ds.Rows, ds.Columns, ds.BitsAllocated = 1, 256, 256, 16
-    for keyword, value in values.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    return ds
-
-
-def encode(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = syntax != ExplicitVRBigEndian
-    buffer.is_implicit_VR = syntax == ImplicitVRLittleEndian
-    write_dataset(buffer, ds)
-    raw = buffer.getvalue()
-    if syntax == DeflatedExplicitVRLittleEndian:
-        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-        return deflater.compress(raw) + deflater.flush()
-    return raw
-
-
-PATHS = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
-
-
-def read(ds: Dataset, syntax: str = ExplicitVRLittleEndian, context: str = MRImageStorage,
-         max_pixel_bytes: int | None = None) -> tuple[InstanceIdentity, bool]:
-    return read_identity(encode(ds, syntax), syntax, context, max_pixel_bytes)
-
-
-def refused(ds: Dataset, syntax: str = ExplicitVRLittleEndian, context: str = MRImageStorage,
-            max_pixel_bytes: int | None = None) -> tuple[StoreStatus, str]:
-    with pytest.raises(RejectedInstance) as caught:
-        read(ds, syntax, context, max_pixel_bytes)
-    return caught.value.status, caught.value.reason
 
 
 @pytest.mark.parametrize("syntax", PATHS)
@@ -304,3 +250,4 @@ def test_the_negotiated_transfer_syntaxes() -> None:
     assert transfer_syntaxes(True) == [*LOSSLESS_TRANSFER_SYNTAXES, *LOSSY_TRANSFER_SYNTAXES]
     assert transfer_syntaxes(False)[0] == ExplicitVRLittleEndian
     assert HTJ2K in LOSSY_TRANSFER_SYNTAXES and JPEGBaseline8Bit not in transfer_syntaxes(False)
+

@@ -8,6 +8,7 @@ and the random numbers of its jitter are the test's, so every delay is known:
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import ConfigError
 from dicom_node.db.models import Delivery, Run, RunState, Study
@@ -381,3 +384,64 @@ def test_a_dead_letter_is_not_sent_even_when_asked_directly(make_outbox: MakeOut
     box.now = T0 + timedelta(seconds=1)
     assert attempt(box.db.sessions, box.settings, box.delivery_id, box.sender) is False
     assert box.sent == [] and box.row().attempts == 0
+
+
+def test_due_deliveries_are_ordered_by_the_query_not_by_an_index(make_outbox: MakeOutbox) -> None:
+    box = make_outbox(Uniform(0.5))
+    later = queue(box.db, path="/outbox/later/sr.dcm")
+    with box.db.sessions.begin() as session:
+        session.execute(text("DROP INDEX ix_deliveries_state_next"))  # a table scan returns rows by id
+        for delivery_id, due in ((box.delivery_id, T0 + timedelta(seconds=2)), (later, T0 + timedelta(seconds=1))):
+            row = session.get(Delivery, delivery_id)
+            assert row is not None
+            row.next_attempt_at = due
+    box.answers = [SUCCESS, SUCCESS]
+    assert box.deliver(3) == 2
+    assert [path.parent.name for path, _ in box.sent] == ["later", "run"]
+
+
+def test_a_delivery_removed_after_its_claim_is_not_counted(make_outbox: MakeOutbox,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    box = make_outbox(Uniform(0.5))
+    claim = outbox._claim
+
+    def claim_then_remove(sessions: sessionmaker[Session], settings: Settings, delivery_id: int) -> bool:
+        claimed = claim(sessions, settings, delivery_id)
+        with sessions.begin() as session:  # another worker's administrator removes it in between
+            session.execute(delete(Delivery).where(Delivery.id == delivery_id))
+        return claimed
+
+    monkeypatch.setattr(outbox, "_claim", claim_then_remove)
+    box.now = T0
+    assert deliver_due(box.db.sessions, box.settings, box.sender) == 0
+    assert box.sent == []
+
+
+def test_a_success_is_no_failure_whatever_the_sender_attached(make_outbox: MakeOutbox) -> None:
+    box = make_outbox(Uniform(0.5))
+    box.answers = [SendResult(0x0000, None, FailureClass.TIMEOUT)]
+    box.deliver(0)
+    row = box.row()
+    assert (row.state, row.failure_class, row.history[0]["class"]) == ("sent", None, None)
+
+
+def test_the_history_keeps_every_answer_and_error(make_outbox: MakeOutbox) -> None:
+    box = make_outbox(Uniform(0.5))
+    box.answers = [REFUSED, SUCCESS]
+    box.deliver(0)
+    box.deliver(2)
+    history = box.row().history
+    assert [(h["attempt"], h["status"], h["class"], h["error"]) for h in history] == [
+        (1, None, "connection_refused", "connection refused"), (2, "0x0000", None, None)]
+    assert history[0]["at"] == "2026-02-01T08:00:00.000+00:00"
+
+
+def test_a_delivery_stored_with_a_warning_is_logged_as_a_warning(make_outbox: MakeOutbox,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    box = make_outbox(Uniform(0.5))
+    queue(box.db, path="/outbox/clean/sr.dcm")
+    box.answers = [SendResult(0xB000, None), SUCCESS]
+    with caplog.at_level(logging.INFO, logger=outbox.__name__):
+        box.deliver(0)
+    delivered = [(r.levelno, r.getMessage().split(" (")[0]) for r in caplog.records if "delivered" in r.getMessage()]
+    assert delivered == [(logging.WARNING, "delivered 2.25.1 to pacs"), (logging.INFO, "delivered 2.25.1 to pacs")]

@@ -34,7 +34,7 @@ def brain() -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(volume[30:150, 40:180, 40:150]), aff
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rules() -> SelectionRules:
     return load_rules(DEFAULT_RULES_PATH)
 

@@ -1,19 +1,17 @@
 """Each rule of config/series_selection.toml on its own, on header-only candidates made here.
 
-A header that passes every ``[[require]]`` rule and matches every ``[[score]]``
-rule is changed in exactly one attribute; the decision must then name exactly
+A header (:func:`tests.support.selection.t1_header`) that passes every
+``[[require]]`` rule and matches every ``[[score]]`` rule is changed in exactly
+one attribute; the decision must then name exactly
 that one rule.  A rejection that another rule would also catch proves nothing
 about the first, so every case below fails one rule and only one.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset
 from pydicom.uid import (
     CTImageStorage,
     EnhancedMRImageStorage,
@@ -21,18 +19,10 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from core.errors import ConfigError, Outcome
-from pipeline.select import (
-    DEFAULT_RULES_PATH,
-    NoSuitableSeries,
-    SelectionRules,
-    SeriesCandidate,
-    SeriesDecision,
-    load_rules,
-    select_series,
-)
+from core.errors import ConfigError
+from pipeline.select import DEFAULT_RULES_PATH, SelectionRules, SeriesCandidate, load_rules
+from tests.support.selection import candidate, decide, t1_header, winner
 
-SLICES = 120
 BASE_SCORE = 7.0
 ALL_SCORES = ["+2 T1 protocol name", "+1 T1 protocol in ProtocolName", "+1 T1 3D sequence name",
               "+1 inversion-prepared gradient echo", "+1 T1 inversion time", "+0.5 magnetization prepared",
@@ -42,51 +32,10 @@ GRADIENT_ECHO = "rejected: gradient echo (not spin echo / FLAIR / EPI)"
 DESCRIPTION = "rejected: description is not T2, FLAIR, diffusion, localizer or reformat"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rules() -> SelectionRules:
+    """The shipped rules, read for every test (cheap; and so every test exercises the parser)."""
     return load_rules(DEFAULT_RULES_PATH)
-
-
-def t1_header(**change: object) -> Dataset:
-    """A 3D T1 MPRAGE header that passes every requirement and matches every score rule."""
-    ds = Dataset()
-    ds.Modality = "MR"
-    ds.SOPClassUID = MRImageStorage
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"]
-    ds.MRAcquisitionType = "3D"
-    ds.ScanningSequence = ["GR", "IR"]
-    ds.SequenceVariant = ["SK", "SP", "MP"]
-    ds.SequenceName = "*tfl3d1_16ns"
-    ds.EchoTime = 2.98
-    ds.InversionTime = 900.0
-    ds.SeriesDescription = "t1_mprage_sag_p2_iso"
-    ds.ProtocolName = "t1_mprage_sag_p2_iso"
-    ds.SliceThickness = 1.0
-    ds.PixelSpacing = [1.0, 1.0]
-    ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
-    ds.SeriesNumber = 3
-    with warnings.catch_warnings():  # lower-case code strings are not conformant, and some scanners send them
-        warnings.filterwarnings("ignore", "Invalid value for VR CS", UserWarning)
-        for keyword, value in change.items():
-            if value is None:
-                delattr(ds, keyword)
-            else:
-                setattr(ds, keyword, value)
-    return ds
-
-
-def candidate(uid: str = "1.2.3.3", slices: int = SLICES, **change: object) -> SeriesCandidate:
-    header = t1_header(**change)
-    return SeriesCandidate(uid, [header] * slices)
-
-
-def decide(rules: SelectionRules, cand: SeriesCandidate) -> SeriesDecision:
-    """The decision on a single candidate, chosen or not."""
-    try:
-        return select_series([cand], rules).decisions[0]
-    except NoSuitableSeries as refused:
-        assert refused.outcome is Outcome.NO_SUITABLE_SERIES
-        return refused.decisions[0]
 
 
 def test_the_reference_header_passes_every_rule_and_matches_every_score(rules: SelectionRules) -> None:
@@ -243,29 +192,24 @@ def test_the_minimum_score_is_inclusive(rules: SelectionRules) -> None:
     assert exact.accepted and exact.score == 2.0
 
 
-def _winner(rules: SelectionRules, candidates: Sequence[SeriesCandidate]) -> tuple[str, list[SeriesDecision]]:
-    selection = select_series(candidates, rules)
-    return selection.chosen.series_instance_uid, selection.decisions
-
-
 def test_the_highest_score_wins_then_more_images_then_the_rescan_then_the_uid(rules: SelectionRules) -> None:
     best = candidate("1.2.3.1", slices=100)
     weaker = candidate("1.2.3.9", slices=200, SeriesNumber=9, PixelSpacing=[2.0, 2.0])
-    chosen, decisions = _winner(rules, [weaker, best])
+    chosen, decisions = winner(rules, [weaker, best])
     assert chosen == "1.2.3.1"
     assert decisions[0].reasons[-1] == "not chosen: series 1.2.3.1 ranks higher"
     assert [d.accepted for d in decisions] == [False, True]
-    assert _winner(rules, [candidate("1.2.3.1", slices=160), candidate("1.2.3.9", slices=150, SeriesNumber=9)])[0] \
+    assert winner(rules, [candidate("1.2.3.1", slices=160), candidate("1.2.3.9", slices=150, SeriesNumber=9)])[0] \
         == "1.2.3.1"
-    assert _winner(rules, [candidate("1.2.3.9", SeriesNumber=4), candidate("1.2.3.1", SeriesNumber=5)])[0] \
+    assert winner(rules, [candidate("1.2.3.9", SeriesNumber=4), candidate("1.2.3.1", SeriesNumber=5)])[0] \
         == "1.2.3.1"
-    assert _winner(rules, [candidate("1.2.3.1"), candidate("1.2.3.2")])[0] == "1.2.3.2"
+    assert winner(rules, [candidate("1.2.3.1"), candidate("1.2.3.2")])[0] == "1.2.3.2"
     unnumbered = candidate("1.2.3.8", SeriesNumber=None)
-    assert _winner(rules, [unnumbered, candidate("1.2.3.1", SeriesNumber=0)])[0] == "1.2.3.1"
+    assert winner(rules, [unnumbered, candidate("1.2.3.1", SeriesNumber=0)])[0] == "1.2.3.1"
 
 
-def test_rejected_candidates_keep_their_reasons_next_to_the_winner(rules: SelectionRules) -> None:
-    chosen, decisions = _winner(rules, [candidate("1.2.3.5", MRAcquisitionType="2D"), candidate("1.2.3.6")])
+def test_rejected_candidates_keep_their_reasons_next_to_thewinner(rules: SelectionRules) -> None:
+    chosen, decisions = winner(rules, [candidate("1.2.3.5", MRAcquisitionType="2D"), candidate("1.2.3.6")])
     assert chosen == "1.2.3.6"
     assert decisions[0].reasons == ["rejected: 3D acquisition"] and decisions[0].score == 0
     assert decisions[1].reasons == ALL_SCORES
