@@ -15,7 +15,6 @@ from types import SimpleNamespace
 from typing import Any, NoReturn, cast
 
 import numpy as np
-import pydicom
 import pytest
 
 from core.errors import ConfigError, NodeError, NotAnalysed, Outcome
@@ -30,7 +29,7 @@ from pipeline.preprocess import Preprocessed
 from pipeline.select import SelectionRules
 from pipeline.volumetry import Volumes, VolumetryConfig, algorithm_name
 from tests.conftest import make_settings
-from tests.support.reports import MODEL, PREDICTION, Study5, outbox
+from tests.support.reports import MODEL, PREDICTION, Study5, outbox, sr_texts
 
 SECRET = "Volumetest^Secret"
 VOLUMES = Volumes(hippocampus_left_ml=3.4, hippocampus_right_ml=3.3, lateral_ventricles_ml=24.5, grey_matter_ml=612.0,
@@ -66,15 +65,6 @@ def process(study: Study5) -> Run:
         run = session.get(Run, run_id)
         assert run is not None
         return run
-
-
-def sr_texts(path: Path) -> str:
-    def walk(items: Any) -> Iterator[str]:
-        for item in items:
-            if "TextValue" in item:
-                yield str(item.TextValue)
-            yield from walk(item.get("ContentSequence", []))
-    return "\n".join(walk(pydicom.dcmread(path).ContentSequence))
 
 
 def test_a_volumetry_that_cannot_be_done_is_a_note_and_the_run_succeeds(study: Study5) -> None:

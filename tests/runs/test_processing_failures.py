@@ -30,7 +30,7 @@ from model.inference import Predictor
 from pipeline.preprocess import Preprocessed
 from pipeline.select import SelectionRules
 from tests.conftest import require_tool
-from tests.support.reports import MODEL, Study5, analysed, outbox
+from tests.support.reports import MODEL, Study5, analysed, outbox, sr_texts
 
 #: What a DICOM header could put into a library's exception message.
 SECRET_NAME, SECRET_ID = "Test^Patient", "SR-TEST-0001"
@@ -92,16 +92,6 @@ def process(study: Study5, patches: dict[str, Callable[..., Any]]) -> Run:
         run = session.get(Run, run_id)
         assert run is not None
         return run
-
-
-def sr_texts(path: Path) -> str:
-    """Every TextValue of the SR's content tree, joined."""
-    def walk(items: Any) -> Iterator[str]:
-        for item in items:
-            if "TextValue" in item:
-                yield str(item.TextValue)
-            yield from walk(item.get("ContentSequence", []))
-    return "\n".join(walk(pydicom.dcmread(path).ContentSequence))
 
 
 def pdf_text(path: Path, tmp_path: Path) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -116,3 +116,13 @@ def analysed(ctx: RunContext, run_id: str, inputs: Any, progress: Any) -> tuple[
 
 def outbox(study: Study5, run: Run, kind: str) -> Path:
     return study.settings.outbox_dir / run.id / f"{kind}.dcm"
+
+
+def sr_texts(path: Path) -> str:
+    """Every TextValue of the SR's content tree at *path*, joined by newlines."""
+    def walk(items: Any) -> Iterator[str]:
+        for item in items:
+            if "TextValue" in item:
+                yield str(item.TextValue)
+            yield from walk(item.get("ContentSequence", []))
+    return "\n".join(walk(pydicom.dcmread(path).ContentSequence))
