@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.augment import AnatomySampler, AugmentConfig
 from model.cohort import CohortConfig, anatomy, generate_cohort, subject_volume
 from model.demo import (
     PRETRAIN_INFO_FILE,
@@ -24,15 +25,9 @@ from model.demo import (
 from model.errors import ModelInputError, ModelLoadError
 from model.evaluate import load_run
 from model.inference import Predictor, init_trained_demo_model
-from model.pretrain import (
-    VISION_FILE,
-    AnatomySampler,
-    AugmentConfig,
-    PretrainConfig,
-    nt_xent,
-    pretrain,
-)
-from model.train import TrainConfig, export_demo, train, whiten
+from model.initialise import whiten
+from model.pretrain import VISION_FILE, PretrainConfig, nt_xent, pretrain
+from model.train import TrainConfig, export_demo, train
 
 NO_AUGMENT = AugmentConfig(rotation_deg=0.0, scale=0.0, shift=0.0, bias=0.0, gamma=0.0, noise=(0.0, 0.0))
 TINY = PretrainConfig(size=32, steps=3, batch_size=4, warmup=1, threads=1, seed=7)
