@@ -34,6 +34,7 @@ MODULES: dict[str, str] = {
     "delivery": "dicom_node/outbox/delivery.py",
     "routing": "dicom_node/outbox/routing.py",
     "identity": "dicom_node/ingest/identity.py",
+    "sources": "structured_reports/sources.py",
     "sr": "structured_reports/sr.py",
 }
 

@@ -62,6 +62,7 @@ from structured_reports.measurements import (
     volume_groups,
     volumetry_equipment,
 )
+from structured_reports.sources import representative_image, with_type2_defaults
 from structured_reports.texts import (  # DEMONSTRATION_TEXT, NOT_ANALYSED_PREFIX: also named from here
     DEMONSTRATION_TEXT,  # noqa: F401
     NOT_ANALYSED_PREFIX,
@@ -220,47 +221,6 @@ def build_sr(
     return sr
 
 
-#: Type 2 patient/study attributes highdicom reads from the first source; a
-#: scanner may omit them, so they default to empty (as Type 2 allows).
-_TYPE2_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-
-
-def with_type2_defaults(source: pydicom.Dataset) -> pydicom.Dataset:
-    """A shallow copy of ``source`` with missing Type 2 patient/study attributes empty.
-
-    Parameters
-    ----------
-    source : pydicom.Dataset
-        The instance whose patient and study modules the report copies.
-
-    Returns
-    -------
-    pydicom.Dataset
-        ``source`` itself when nothing is missing, else a copy with the missing
-        attributes present and empty.
-    """
-    missing = [keyword for keyword in _TYPE2_PATIENT_STUDY if keyword not in source]
-    if not missing:
-        return source
-    patched = pydicom.Dataset()
-    patched.update(source)
-    if hasattr(source, "file_meta"):
-        patched.file_meta = source.file_meta
-    for keyword in missing:
-        setattr(patched, keyword, "")
-    return patched
-
-
 def _make_separate(item: pydicom.Dataset) -> None:
     """Mark every container SEPARATE: its items are no running narrative.
 
@@ -394,34 +354,6 @@ def _measurement_group(
             hd.sr.SourceImageForMeasurementGroup.from_source_image(representative_image(sources))
         ],
     )
-
-
-def _instance_number(ds: pydicom.Dataset) -> int:
-    """Instance Number as an int (0 when absent or empty)."""
-    value = ds.get("InstanceNumber")
-    return int(value) if value is not None and str(value) != "" else 0
-
-
-def representative_image(sources: Sequence[pydicom.Dataset]) -> pydicom.Dataset:
-    """The middle instance of the analysed series, by Instance Number.
-
-    The measurement group names its source by this one IMAGE item: one line
-    per slice (a 3D T1 has ~180) would drown the result in ``dsrdump`` and
-    ``dsr2html``.  Every instance is still in the evidence sequence, and the
-    series is named in a text item.
-
-    Parameters
-    ----------
-    sources : Sequence[pydicom.Dataset]
-        Instances of the analysed series (at least one).
-
-    Returns
-    -------
-    pydicom.Dataset
-        The instance at the middle position.
-    """
-    ordered = sorted(sources, key=_instance_number)
-    return ordered[len(ordered) // 2]
 
 
 def _probability(label: str, value: float) -> hd.sr.Measurement:

@@ -19,13 +19,8 @@ from pydicom.sr.codedict import codes
 
 from core.errors import Outcome
 from model.types import Prediction
-from structured_reports.sr import (
-    SR_SERIES_DESCRIPTION,
-    algorithm_parameters,
-    build_sr,
-    representative_image,
-    with_type2_defaults,
-)
+from structured_reports.sources import representative_image, with_type2_defaults
+from structured_reports.sr import SR_SERIES_DESCRIPTION, algorithm_parameters, build_sr
 from structured_reports.types import NotesUsed, ReportError
 from structured_reports.uids import UidKind, derive_uid
 from tests.support.sr import NOTE_DATES, RUN_TIME, build, concept, content_items, make_mr_series, make_report
