@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.convert import convert_series
-from pipeline.preprocess import PreprocessConfig, default_template_path, preprocess
+from pipeline.preprocess import preprocess
+from pipeline.preprocess_config import PreprocessConfig
+from pipeline.registration import default_template_path
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
 
 #: Corpus variants run besides Colin27 (full size).

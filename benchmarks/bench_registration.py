@@ -29,7 +29,7 @@ def _reference(path: Path) -> float:
     import ants
     import numpy as np
 
-    from pipeline.preprocess import _to_dhw, default_template_path
+    from pipeline.registration import _to_dhw, default_template_path
 
     template = ants.image_read(str(default_template_path()), pixeltype="float")
     image = ants.image_read(str(path), pixeltype="float")
@@ -47,7 +47,8 @@ def _one(seed: int, reference: bool) -> dict[str, Any]:
     import nibabel as nib
 
     from core.errors import NotAnalysed
-    from pipeline.preprocess import PreprocessConfig, preprocess
+    from pipeline.preprocess import preprocess
+    from pipeline.preprocess_config import PreprocessConfig
     from tests.support.corpus import realistic_head
 
     config = PreprocessConfig(keep_registered=False)

@@ -50,7 +50,8 @@ from tqdm import tqdm
 from core.errors import NodeError, NotAnalysed, Outcome
 from model.dataset import REQUIRED_COLUMNS
 from model.labels import LabelRow
-from pipeline.preprocess import PreprocessConfig, default_template_path
+from pipeline.preprocess_config import PreprocessConfig
+from pipeline.registration import default_template_path
 from pipeline.select import SelectionRules
 
 logger = logging.getLogger(__name__)

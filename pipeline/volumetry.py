@@ -74,7 +74,8 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from core.errors import ConfigError, NotAnalysed, Outcome
-from pipeline.preprocess import Preprocessed, _ants_seed, _physical_points, _to_dhw, default_template_path
+from pipeline.preprocess import Preprocessed
+from pipeline.registration import _ants_seed, _physical_points, _to_dhw, default_template_path
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def algorithm_name() -> str:
 
 
 def _from_dhw(image: Any, data: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Inverse of :func:`pipeline.preprocess._to_dhw`: a (z, y, x) LPS array back in *image*'s voxel order."""
+    """Inverse of :func:`pipeline.registration._to_dhw`: a (z, y, x) LPS array back in *image*'s voxel order."""
     direction = np.asarray(image.direction, dtype=np.float64)
     dominant = np.argmax(np.abs(direction), axis=0)
     order = [int(np.flatnonzero(dominant == 2 - k)[0]) for k in range(3)]

@@ -12,7 +12,7 @@ import pydicom
 
 from core.errors import Outcome
 from model.types import CLASSES
-from pipeline.preprocess import QCCheck
+from pipeline.qc import QCCheck
 from structured_reports.concepts import CLASS_LABELS
 from structured_reports.types import DISCLAIMER, ReportInput
 from structured_reports.volumes import dicom_date

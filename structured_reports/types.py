@@ -13,7 +13,8 @@ from numpy.typing import NDArray
 from core.errors import NodeError, Outcome
 from model.types import ModelInfo, Prediction
 from pipeline.normative import NormativeTable
-from pipeline.preprocess import PreprocessConfig, QCCheck
+from pipeline.preprocess_config import PreprocessConfig
+from pipeline.qc import QCCheck
 from pipeline.select import SelectionRules
 from pipeline.volumetry import Volumes
 
@@ -175,7 +176,7 @@ class ReportInput:
     not_analysed : tuple of (Outcome, str), or None
         Why there is no result, in plain words.
     qc : tuple of QCCheck
-        The preprocessing's QC values with their limits (:func:`pipeline.preprocess.qc_checks`).
+        The preprocessing's QC values with their limits (:func:`pipeline.qc.qc_checks`).
     requirement : SeriesRequirement
         What series the node can analyse (said when a study was not analysed).
     volumes : Volumes or None

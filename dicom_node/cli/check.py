@@ -51,7 +51,7 @@ from dicom_node.cli.checkreport import (
 from dicom_node.settings import Settings
 
 if TYPE_CHECKING:
-    from pipeline.preprocess import PreprocessConfig
+    from pipeline.preprocess_config import PreprocessConfig
     from pipeline.select import SelectionRules, SeriesDecision
     from structured_reports.types import KeySlice
 
@@ -389,7 +389,8 @@ def _convert_and_preprocess(study: StudyCheck, items: Sequence[Instance], config
         if not preprocess_volume:
             _geometry_qc(study, config, float(min(shape)), float(max(spacing)))
             return
-        from pipeline.preprocess import preprocess, qc_checks
+        from pipeline.preprocess import preprocess
+        from pipeline.qc import qc_checks
 
         start = time.perf_counter()
         pre = preprocess(nifti, config)
@@ -412,7 +413,7 @@ def _convert_and_preprocess(study: StudyCheck, items: Sequence[Instance], config
 def _geometry_qc(study: StudyCheck, config: PreprocessConfig, slices: float, thickness: float) -> None:
     """``--no-preprocess``: the QC limits measurable on the converted volume (as preprocessing measures them)."""
     study.qc_source = "converted volume"
-    from pipeline.preprocess import qc_checks
+    from pipeline.qc import qc_checks
 
     study.qc = list(qc_checks({"slices": slices, "slice_thickness_mm": thickness}, config))
     for value, what in zip(study.qc, ("too few slices", "slices too thick"), strict=True):
@@ -447,7 +448,7 @@ def write_key_slices(study: StudyCheck, registered: Any, config: PreprocessConfi
     """
     from matplotlib.figure import Figure
 
-    from pipeline.preprocess import default_template_path
+    from pipeline.registration import default_template_path
     from structured_reports.keyslices import key_slices
     from structured_reports.pdf import OUTLINE_CAPTION, draw_key_slice
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom import Dataset
 
 if TYPE_CHECKING:
-    from pipeline.preprocess import QCCheck
+    from pipeline.qc import QCCheck
     from pipeline.select import SeriesDecision
 
 

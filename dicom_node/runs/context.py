@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from dicom_node.net.qr import PriorStudyClient
     from model.inference import Predictor
     from pipeline.normative import NormativeTable
-    from pipeline.preprocess import PreprocessConfig
+    from pipeline.preprocess_config import PreprocessConfig
     from pipeline.select import SelectionRules
     from pipeline.volumetry import VolumetryConfig
 
@@ -69,7 +69,7 @@ def series_rules(settings: Settings) -> SelectionRules:
 
 def preprocess_config(settings: Settings) -> PreprocessConfig:
     """The preprocessing settings and QC limits of runs (``processing.registration``, ``processing.n4``)."""
-    from pipeline.preprocess import PreprocessConfig
+    from pipeline.preprocess_config import PreprocessConfig
 
     return PreprocessConfig(registration=settings.processing.registration, n4=settings.processing.n4)
 

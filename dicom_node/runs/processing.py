@@ -41,7 +41,9 @@ from dicom_node.runs.prior import CurrentStudy, PriorOutcome, compare_with_prior
 from model.types import Prediction
 from pipeline.convert import convert_series
 from pipeline.notes import ClinicalNote, format_note_text
-from pipeline.preprocess import Preprocessed, default_template_path, preprocess, qc_checks
+from pipeline.preprocess import Preprocessed, preprocess
+from pipeline.qc import qc_checks
+from pipeline.registration import default_template_path
 from pipeline.select import SeriesCandidate, select_series
 from pipeline.volumetry import Volumes
 from structured_reports.keyslices import key_slices

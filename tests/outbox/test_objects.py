@@ -29,7 +29,7 @@ from dicom_node.runs import processing as processing
 from dicom_node.runs.context import RunContext
 from model.inference import Predictor
 from model.types import ModelInfo, Prediction
-from pipeline.preprocess import default_template_path
+from pipeline.registration import default_template_path
 from structured_reports.keyslices import key_slices
 from structured_reports.sr import NOT_ANALYSED_PREFIX
 from structured_reports.types import DISCLAIMER, NotesUsed

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from core.errors import NotAnalysed, Outcome
-from pipeline.preprocess import PreprocessConfig, Preprocessed, _to_dhw, default_template_path, preprocess
+from pipeline.preprocess import Preprocessed, preprocess
+from pipeline.preprocess_config import PreprocessConfig
+from pipeline.registration import _to_dhw, default_template_path
 from pipeline.synth import load_reference_brain
 
 #: Marker centre in world RAS mm (RAS: +x is patient right): patient left, anterior, superior.

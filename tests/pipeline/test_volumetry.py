@@ -22,7 +22,9 @@ import pytest
 from scipy import ndimage
 
 from core.errors import ConfigError
-from pipeline.preprocess import PreprocessConfig, Preprocessed, _to_dhw, default_template_path, preprocess
+from pipeline.preprocess import Preprocessed, preprocess
+from pipeline.preprocess_config import PreprocessConfig
+from pipeline.registration import _to_dhw, default_template_path
 from pipeline.volumetry import Volumes, VolumetryConfig, _from_dhw, measure_volumes
 from tests.support.deformation import displacement, load_colin, min_jacobian, pull_back, volume_change
 

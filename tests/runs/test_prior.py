@@ -33,7 +33,8 @@ from dicom_node.runs import prior as prior_module
 from dicom_node.runs.context import RunContext
 from dicom_node.runs.prior import CurrentStudy, PriorOutcome, compare_with_prior
 from model.inference import Predictor
-from pipeline.preprocess import PreprocessConfig, Preprocessed
+from pipeline.preprocess import Preprocessed
+from pipeline.preprocess_config import PreprocessConfig
 from pipeline.select import SelectionRules
 from tests.conftest import make_settings
 from tests.support.prior import (

@@ -2,7 +2,7 @@
 
 An asymmetric volume is made in world coordinates: the MNI template with a bright block in one hemisphere
 (x < 0 is the patient's left in the template's RAS space).  It goes through the pipeline's own reading (ANTs,
-:func:`pipeline.preprocess._to_dhw`, which makes ``Preprocessed.registered``), then :func:`key_slices`, and is
+:func:`pipeline.registration._to_dhw`, which makes ``Preprocessed.registered``), then :func:`key_slices`, and is
 drawn as the PDF draws it; the block must sit on the side whose marker is L, and the sagittal slice of the left
 hippocampus (x = -28 mm) must cut it only when it is on the left.
 """
@@ -17,7 +17,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.preprocess import default_template_path
+from pipeline.registration import default_template_path
 from structured_reports.keyslices import key_slices
 from structured_reports.pdf import draw_key_slice
 from structured_reports.types import KeySlice
@@ -27,7 +27,7 @@ ants = pytest.importorskip("ants")
 
 def registered_with_block(tmp_path: Path, side: str) -> np.ndarray:
     """The template with a bright block at x in [15, 45] mm on the patient's *side*, read as preprocessing does."""
-    from pipeline.preprocess import _to_dhw
+    from pipeline.registration import _to_dhw
 
     template = nib.load(str(default_template_path()))
     data = np.asarray(template.dataobj, dtype=np.float32)

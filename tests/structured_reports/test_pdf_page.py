@@ -17,7 +17,8 @@ from matplotlib.patches import FancyBboxPatch
 from pydicom.dataset import Dataset
 
 from core.errors import Outcome
-from pipeline.preprocess import PreprocessConfig, qc_checks
+from pipeline.preprocess_config import PreprocessConfig
+from pipeline.qc import qc_checks
 from structured_reports.pdf import compose_page, render_pdf
 from structured_reports.types import KeySlice, NotesUsed
 from tests.conftest import require_tool

@@ -7,7 +7,8 @@ import math
 import pytest
 from pydicom.dataset import Dataset
 
-from pipeline.preprocess import PreprocessConfig, qc_checks
+from pipeline.preprocess_config import PreprocessConfig
+from pipeline.qc import qc_checks
 from pipeline.select import DEFAULT_RULES_PATH, Rule, SelectionRules, load_rules
 from structured_reports.texts import age_at_study, qc_value_text, received_text, sex_text
 from structured_reports.types import SeriesRequirement
@@ -83,10 +84,10 @@ def test_qc_checks_take_their_limits_from_the_configuration_in_one_order() -> No
 
 def test_the_check_command_reads_the_same_limits_table() -> None:
     from dicom_node.cli import check
-    from pipeline import preprocess
+    from pipeline import qc
 
-    assert not hasattr(check, "QC_LIMITS")  # one definition, in pipeline.preprocess
-    assert [q.config_field for q in preprocess.QC_LIMITS] == [
+    assert not hasattr(check, "QC_LIMITS")  # one definition, in pipeline.qc
+    assert [q.config_field for q in qc.QC_LIMITS] == [
         "min_slices", "max_slice_thickness_mm", "min_correlation", "min_coverage", "min_wm_gm_ratio"]
 
 

@@ -25,7 +25,7 @@ from dicom_node.runs.context import RunContext
 from dicom_node.runs.processing import process_run
 from model.inference import Predictor
 from model.types import ModelInfo, Prediction
-from pipeline.preprocess import PreprocessConfig
+from pipeline.preprocess_config import PreprocessConfig
 from pipeline.select import load_rules
 from structured_reports.types import NotesUsed
 from tests.conftest import make_settings

@@ -20,7 +20,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from core.errors import Outcome
 from model.types import ModelInfo, Prediction
-from pipeline.preprocess import PreprocessConfig, QCCheck, qc_checks
+from pipeline.preprocess_config import PreprocessConfig
+from pipeline.qc import QCCheck, qc_checks
 from structured_reports.pdf import build_pdf
 from structured_reports.sr import build_sr
 from structured_reports.types import DeviceInfo, NotesUsed, ReportInput, SeriesRequirement
