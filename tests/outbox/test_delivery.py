@@ -106,11 +106,14 @@ def test_permanent_reject_is_dead_letter_without_retry_storm_and_can_be_replayed
     assert "C-ECHO pacs: status 0x0000" in capsys.readouterr().out
     assert cli.main(["echo", "wrongae", *common]) == 1
     with db.sessions.begin() as session:                  # the administrator fixes the AE title ...
-        session.get(Delivery, delivery_id).destination = "pacs"
+        fixed = session.get(Delivery, delivery_id)
+        assert fixed is not None
+        fixed.destination = "pacs"
     assert cli.main(["deliveries", "retry", str(delivery_id), *common]) == 0   # ... and replays it
     assert deliver_due(db.sessions, settings) == 1
     row = delivery_row(db, delivery_id)
     assert row.state == "sent" and row.attempts == 1
+    assert row.history is not None
     assert [h.get("event") for h in row.history] == [None, "replayed", None]
     assert retry_deliveries(db.sessions, all_dead=True) == 0
     db.engine.dispose()
@@ -124,6 +127,7 @@ def scripted_pacs() -> Iterator[tuple[int, list[int]]]:
     ae.supported_contexts = AllStoragePresentationContexts
     server = ae.start_server(("127.0.0.1", free_port()), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, lambda event: statuses.pop(0))])
+    assert server is not None
     yield int(server.server_address[1]), statuses
     server.shutdown()
 
@@ -144,6 +148,7 @@ def test_status_classes_warning_out_of_resources_and_failure(tmp_path: Path,
     wait_for(lambda: deliver_due(db.sessions, settings), 5, "the retry", 0.05)
     row = delivery_row(db, delivery_id)
     assert row.state == "sent" and row.last_status == 0xB000 and row.failure_class == "warning"
+    assert row.history is not None
     assert [h["status"] for h in row.history] == ["0xA700", "0xB000"]
     statuses.append(0xC000)                                 # Cannot understand: permanent for this object
     failed = queue_delivery(db, path, "p")

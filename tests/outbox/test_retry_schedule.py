@@ -148,6 +148,7 @@ def test_the_full_schedule_to_the_dead_letter(make_outbox: MakeOutbox, u: float,
     assert box.deliver(at) == 1                             # the fifth and last attempt
     row = box.row()
     assert (row.state, row.attempts) == ("dead", 5)
+    assert row.history is not None
     assert [h["attempt"] for h in row.history] == [1, 2, 3, 4, 5]
     assert {h["class"] for h in row.history} == {"connection_refused"}
     assert {h["status"] for h in row.history} == {None}
@@ -162,6 +163,7 @@ def test_one_attempt_allowed_means_dead_at_the_first_transient_failure(make_outb
     assert box.deliver(0) == 1
     row = box.row()
     assert (row.state, row.attempts, row.last_status, row.failure_class) == ("dead", 1, 0xA700, "out_of_resources")
+    assert row.history is not None
     assert row.history[0]["status"] == "0xA700"
 
 
@@ -173,6 +175,7 @@ def test_a_retry_that_succeeds_is_sent_at_its_time(make_outbox: MakeOutbox) -> N
     row = box.row()
     assert (row.state, row.attempts, row.last_status, row.failure_class) == ("sent", 2, 0, None)
     assert row.sent_at is not None and row.sent_at.replace(tzinfo=UTC) == T0 + timedelta(seconds=2)
+    assert row.history is not None
     assert [h["status"] for h in row.history] == [None, "0x0000"]
 
 
@@ -181,6 +184,7 @@ def test_a_warning_is_delivered_and_says_so(make_outbox: MakeOutbox) -> None:
     box.answers = [SendResult(0xB000, None)]
     box.deliver(0)
     row = box.row()
+    assert row.history is not None
     assert (row.state, row.attempts, row.failure_class, row.history[0]["status"]) == ("sent", 1, "warning", "0xB000")
 
 
@@ -296,6 +300,7 @@ def test_replay_restarts_the_count_and_keeps_the_history(make_outbox: MakeOutbox
     row = box.row()
     assert (row.state, row.attempts) == ("pending", 0)
     assert row.next_attempt_at.replace(tzinfo=UTC) == box.now
+    assert row.history is not None
     assert row.history[-1] == {"at": box.now.isoformat(timespec="milliseconds"), "event": "replayed",
                                "after_attempts": 1}
     pending = list_deliveries(box.db.sessions, "pending")[0]
@@ -422,6 +427,7 @@ def test_a_success_is_no_failure_whatever_the_sender_attached(make_outbox: MakeO
     box.answers = [SendResult(0x0000, None, FailureClass.TIMEOUT)]
     box.deliver(0)
     row = box.row()
+    assert row.history is not None
     assert (row.state, row.failure_class, row.history[0]["class"]) == ("sent", None, None)
 
 
@@ -431,6 +437,7 @@ def test_the_history_keeps_every_answer_and_error(make_outbox: MakeOutbox) -> No
     box.deliver(0)
     box.deliver(2)
     history = box.row().history
+    assert history is not None
     assert [(h["attempt"], h["status"], h["class"], h["error"]) for h in history] == [
         (1, None, "connection_refused", "connection refused"), (2, "0x0000", None, None)]
     assert history[0]["at"] == "2026-02-01T08:00:00.000+00:00"

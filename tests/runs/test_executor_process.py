@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from sqlalchemy import select
@@ -106,8 +107,8 @@ def test_runs_are_processed_in_a_worker_process_of_the_node(node: Node, studies:
     assert worker != os.getpid() and parent_of(worker) == os.getpid()
 
     send(node, studies / "loc")
-    (run,) = wait_for(lambda: (done := runs(node)) and done[0].finished_at is not None and done, 60,
-                      "the run to finish")
+    (run,) = cast("list[Run]", wait_for(lambda: (done := runs(node)) and done[0].finished_at is not None and done,
+                                        60, "the run to finish"))
     assert run.state == RunState.NOT_ANALYSED.value and run.outcome == "no_suitable_series"
     assert pid_of(run.claimed_by) == worker
     node.stop()
@@ -121,8 +122,8 @@ def test_thread_isolation_processes_runs_in_the_nodes_own_process(tmp_path: Path
     node.start()
     try:
         send(node, studies / "loc")
-        (run,) = wait_for(lambda: (done := runs(node)) and done[0].finished_at is not None and done, 60,
-                          "the run to finish")
+        (run,) = cast("list[Run]", wait_for(lambda: (done := runs(node)) and done[0].finished_at is not None
+                                            and done, 60, "the run to finish"))
         assert run.outcome == "no_suitable_series" and pid_of(run.claimed_by) == os.getpid()
     finally:
         node.stop()
@@ -149,8 +150,8 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_run_done_again(node: Node, 
     first = wait_for(running, 60, "the T1 run to be claimed", 0.05)
     killed = pid_of(first.claimed_by)
     os.kill(killed, signal.SIGKILL)  # mid-run: conversion and preprocessing take seconds
-    run = wait_for(lambda: (r := next(x for x in runs(node) if x.id == first.id)).finished_at is not None and r, 240,
-                   "the run to be done again by a new worker")
+    run = cast(Run, wait_for(lambda: (r := next(x for x in runs(node) if x.id == first.id)).finished_at is not None
+                             and r, 240, "the run to be done again by a new worker"))
     assert run.state == RunState.SUCCEEDED.value and run.predicted_class is not None, run.error_reason
     assert run.attempts == 2
     replacement = pid_of(run.claimed_by)
@@ -173,8 +174,8 @@ def test_workers_log_to_the_node_log_and_die_with_a_killed_node(tmp_path: Path, 
         node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     try:
-        ready = wait_for(lambda: node.poll() is None and re.search(r"run worker (\d+) ready: model ",
-                                                                   log_path.read_text()), 180, "a worker to be ready")
+        ready = cast("re.Match[str]", wait_for(lambda: node.poll() is None and re.search(
+            r"run worker (\d+) ready: model ", log_path.read_text()), 180, "a worker to be ready"))
         worker = int(ready.group(1))
         assert worker != node.pid and parent_of(worker) == node.pid  # its own line, in the node's log
         wait_for(lambda: "listening as" in log_path.read_text(), 60, "the node to listen")

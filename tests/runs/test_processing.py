@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -92,6 +93,6 @@ def test_a_run_opens_a_handful_of_short_transactions_none_nested(
         assert (run.state, run.predicted_class) == ("succeeded", "AD")
         stamps = [run.created_at, run.selected_at, run.converted_at, run.preprocessed_at, run.notes_joined_at,
                   run.inferred_at, run.report_built_at, run.finished_at]
-        assert all(stamps) and stamps == sorted(stamps), stamps
+        assert all(stamps) and stamps == sorted(cast("list[datetime]", stamps)), stamps
         assert run.qc == {"slices": 5.0} and run.notes_used == []
         assert run.stage_seconds is not None and run.stage_seconds["preprocess.n4"] == 0.5
