@@ -23,7 +23,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import dcmwrite, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def base_dataset(rng: random.Random, size: int = 32) -> Dataset:
     return ds
 
 
-def _meta(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> FileMetaDataset:
+def _meta(ds: Dataset, transfer_syntax: UID = ExplicitVRLittleEndian) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -94,7 +94,7 @@ def _meta_end(raw: bytes) -> int:
 def _file(meta: FileMetaDataset, body: bytes) -> bytes:
     buffer = io.BytesIO()
     buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
+    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]  # pydicom: any file-like
     buffer.write(body)
     return buffer.getvalue()
 
@@ -197,7 +197,7 @@ def _missing_ids(rng: random.Random, ds: Dataset) -> bytes:
     return _body(ds)
 
 
-def _deflate_bomb(rng: random.Random, ds: Dataset) -> tuple[bytes, str]:
+def _deflate_bomb(rng: random.Random, ds: Dataset) -> tuple[bytes, UID]:
     # A private OB element of hundreds of MB of zeros, deflated to a few hundred kB.
     size = rng.choice([300, 1024]) * 1024 * 1024
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
@@ -211,7 +211,7 @@ def _deflate_bomb(rng: random.Random, ds: Dataset) -> tuple[bytes, str]:
     return b"".join(parts), DeflatedExplicitVRLittleEndian
 
 
-MUTATIONS: dict[str, Callable[[random.Random, Dataset], bytes | tuple[bytes, str]]] = {
+MUTATIONS: dict[str, Callable[[random.Random, Dataset], bytes | tuple[bytes, UID]]] = {
     "flipped_bytes": _flip,
     "truncated": _truncate,
     "length_past_end": _bad_length,

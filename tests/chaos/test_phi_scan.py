@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.chaos.scenarios import scan_logs_for_phi
 
-PHI = [("Chaos^Patient", "CHAOS-PID-")]
+PHI: list[tuple[str, ...]] = [("Chaos^Patient", "CHAOS-PID-")]
 
 
 def test_a_clean_log_passes(tmp_path: Path) -> None:

@@ -55,12 +55,14 @@ def test_incomplete_series_waits_then_ends_as_incomplete_run(tmp_path: Path) -> 
         assert create_runs(sessions) == []                       # waits for the missing slice
         with sessions() as session:
             series = session.scalars(select(Series)).one()
+            assert series.completeness is not None
             assert series.state == "receiving" and series.completeness["complete"] is False
         assert complete_quiet_series(sessions, 0, incomplete_limit_s=0) == 1
         [run_id] = create_runs(sessions)
         with sessions() as session:
             run = session.get(Run, run_id)
             series = session.scalars(select(Series)).one()
+    assert series.completeness is not None and run is not None
     assert series.completeness["timed_out"] is True
     assert run.outcome == Outcome.INCOMPLETE_SERIES.value
     assert run.error_reason == ("incomplete series: series 3 (t1_mprage_tra_p2_iso): 5 of 6 images received "
@@ -79,7 +81,9 @@ def test_late_instance_makes_a_new_run_that_supersedes_the_finished_one(tmp_path
         assert complete_quiet_series(sessions, 0) == 1
         [first] = create_runs(sessions)
         with sessions.begin() as session:              # the run has started
-            session.get(Run, first).state = "running"
+            started = session.get(Run, first)
+            assert started is not None
+            started.state = "running"
         assert storescu(server.port, files[5:]).returncode == 0   # a late instance
         complete_quiet_series(sessions, 0)
         assert create_runs(sessions) == []             # waits for the running run
@@ -88,5 +92,6 @@ def test_late_instance_makes_a_new_run_that_supersedes_the_finished_one(tmp_path
         with sessions() as session:
             run = session.get(Run, second)
             count = session.scalars(select(Series)).one().instance_count
+    assert run is not None
     assert run.supersedes_run_id == first and run.outcome is None and count == 6
     assert dcmread(files[5]).InstanceNumber == 6

@@ -17,6 +17,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -127,7 +128,9 @@ def test_truncated_big_endian_and_undefined_length_values_are_refused() -> None:
 
 
 def _mr(**values: object) -> Dataset:
-    ds = dcmread(get_testdata_file("MR_small.dcm", download=False))
+    path = get_testdata_file("MR_small.dcm", download=False)
+    assert isinstance(path, str)
+    ds = dcmread(path)
     ds.SOPClassUID = MRImageStorage
     for keyword, value in values.items():
         setattr(ds, keyword, value)
@@ -145,7 +148,7 @@ def _mr(**values: object) -> Dataset:
     {"SpecificCharacterSet": "ISO 2022 IR 100", "PatientName": "Müller^Jürgen"},  # found by the chaos fuzzer
     {"Modality": "CT"},
 ])
-def test_read_identity_agrees_with_the_pydicom_path(syntax: str, values: dict[str, object]) -> None:
+def test_read_identity_agrees_with_the_pydicom_path(syntax: UID, values: dict[str, object]) -> None:
     ds = _mr(**values)
     buffer = BytesIO()
     ds.file_meta.TransferSyntaxUID = syntax

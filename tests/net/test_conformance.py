@@ -195,6 +195,7 @@ def negotiate(port: int, pairs: Iterable[Pair]) -> tuple[set[Pair], dict[Pair, i
             assert assoc.is_established or assoc.rejected_contexts, "no A-ASSOCIATE-AC"
             accepted |= {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             for cx in assoc.rejected_contexts:
+                assert cx.result is not None
                 rejected[(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))] = int(cx.result)
         finally:
             if assoc.is_established:
@@ -251,6 +252,7 @@ def test_association_parameters_are_the_statements(node: StorageServer, statemen
     try:
         assert assoc.is_established
         acceptor = assoc.acceptor
+        assert acceptor.primitive is not None
         actual = {
             "Application Context Name": str(acceptor.primitive.application_context_name),
             "Maximum PDU size received": str(acceptor.maximum_length),
@@ -264,7 +266,9 @@ def test_association_parameters_are_the_statements(node: StorageServer, statemen
 
 
 def _instance(name: str) -> Dataset:
-    ds = dcmread(get_testdata_file(name))
+    path = get_testdata_file(name)
+    assert isinstance(path, str)
+    ds = dcmread(path)
     ds.SOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = ds.StudyInstanceUID = generate_uid()
     return ds
@@ -308,6 +312,7 @@ def capture(statement: Statement) -> Iterator[Capture]:
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
         (evt.EVT_REQUESTED, on_requested), (evt.EVT_C_STORE, lambda event: 0x0000),
         (evt.EVT_C_ECHO, lambda event: 0x0000)])
+    assert server is not None
     yield Capture(int(server.server_address[1]), requests)
     ae.shutdown()
 

@@ -36,7 +36,9 @@ def _command(**values: object) -> bytes:
     ds = Dataset()
     for keyword, value in values.items():
         setattr(ds, keyword, value)
-    return encode(ds, True, True)
+    encoded = encode(ds, True, True)
+    assert encoded is not None
+    return encoded
 
 
 def _store_command(sop_instance: str, message_id: int = 7, data_set_type: int = 0x0000) -> bytes:

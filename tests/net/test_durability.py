@@ -45,9 +45,13 @@ def test_sqlite_connections_of_the_node_commit_with_synchronous_full(tmp_path: P
         try:
             cursor = connection.cursor()
             cursor.execute("PRAGMA synchronous")
-            synchronous = cursor.fetchone()[0]
+            row = cursor.fetchone()
+            assert row is not None
+            synchronous = row[0]
             cursor.execute("PRAGMA journal_mode")
-            journal = cursor.fetchone()[0]
+            row = cursor.fetchone()
+            assert row is not None
+            journal = row[0]
         finally:
             connection.close()
     assert (synchronous, journal) == (2, "wal")  # 2 = FULL: the log is fsynced at every commit
@@ -223,7 +227,8 @@ def _reconcile_after_a_hard_stop(tmp_path: Path, database_url: str | None) -> No
         assert complete_quiet_series(sessions, 0) == 1
         [run_id] = create_runs(sessions)
         with sessions() as session:
-            assert session.get(Run, run_id).outcome is None
+            run = session.get(Run, run_id)
+            assert run is not None and run.outcome is None
             assert session.scalars(select(Series)).one().instance_count == 5
 
 

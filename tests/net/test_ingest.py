@@ -65,6 +65,7 @@ def test_allow_list_host_pin_profiles_and_association_log(tmp_path: Path) -> Non
     assert rows[1].reason == "calling AE title not allowed from this host"
     assert rows[2].reason == "called AE title is not one of this node's AE titles"
     assert rows[4].called_ae_title == "AD_RESEARCH" and rows[4].instances_stored == 3
+    assert rows[4].ended_at is not None
     assert rows[4].peer_address.startswith("127.0.0.1:") and rows[4].ended_at >= rows[4].started_at
     assert len(refusals) == 3 and all(r.startswith("association rejected") for r in refusals)
     assert study.called_ae_title == "AD_RESEARCH"
@@ -158,7 +159,9 @@ def test_release_request_then_close_keeps_every_instance(tmp_path: Path) -> None
         assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
         for path in files:
             assert assoc.send_c_store(dcmread(path)).Status == StoreStatus.SUCCESS
+        assert assoc.dul.socket is not None
         raw = assoc.dul.socket.socket
+        assert raw is not None
         raw.sendall(bytes.fromhex("05 00 00000004 00000000"))  # A-RELEASE-RQ, then gone
         raw.shutdown(socket.SHUT_RDWR)
         raw.close()
@@ -210,7 +213,8 @@ def test_duplicate_policy(tmp_path: Path, policy: str) -> None:
         assert dcmread(row.spool_path).SeriesDescription == changed.SeriesDescription
         assert len(runs) == 1  # only the changed instance makes a new run; the identical re-send made none
         with sessions() as session:
-            assert session.get(Run, runs[0]).supersedes_run_id == first
+            newest = session.get(Run, runs[0])
+            assert newest is not None and newest.supersedes_run_id == first
 
 
 def _sha(path: Path) -> str:

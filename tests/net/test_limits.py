@@ -25,6 +25,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -51,7 +52,7 @@ T = TypeVar("T")
 DIMSE_PATHS = ["lean", "public"]
 
 
-def _part10(path: Path, sop_instance: str, syntax: str, body: bytes) -> Path:
+def _part10(path: Path, sop_instance: UID, syntax: UID, body: bytes) -> Path:
     """A Part 10 file around an encoded data set, whatever the data set holds."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
@@ -59,7 +60,7 @@ def _part10(path: Path, sop_instance: str, syntax: str, body: bytes) -> Path:
     meta.TransferSyntaxUID = syntax
     buffer = io.BytesIO()
     buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
+    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]  # pydicom: any file-like
     path.write_bytes(buffer.getvalue() + body)
     return path
 
@@ -108,7 +109,7 @@ def test_store_on_another_sop_classs_context_is_refused(tmp_path: Path, context:
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 @pytest.mark.parametrize("damage", ["cut-inside-pixel-data", "length-past-the-end"])
-def test_unreadable_data_sets_are_refused_before_success(tmp_path: Path, syntax: str, damage: str,
+def test_unreadable_data_sets_are_refused_before_success(tmp_path: Path, syntax: UID, damage: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A data set cut inside Pixel Data, or an element longer than what follows: 0xC000 with the reason."""
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes as they are
@@ -236,7 +237,9 @@ def test_half_sent_pdu_times_out_with_the_network_timeout(tmp_path: Path, path: 
         assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
         assert assoc.is_established
         try:
+            assert assoc.dul.socket is not None
             raw = assoc.dul.socket.socket
+            assert raw is not None
             raw.sendall(b"\x04\x00" + struct.pack(">L", 1000) + b"\x00\x00\x03\xe6\x01\x03")  # 12 of 1006 bytes
             wait_for(lambda: not assoc.is_alive() or assoc.is_aborted, 15, "the node to end the association")
         finally:

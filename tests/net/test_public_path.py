@@ -132,8 +132,12 @@ def test_data_set_cut_off_by_an_abort_leaves_nothing_behind(tmp_path: Path, path
         command.AffectedSOPClassUID, command.CommandField, command.MessageID = MRImageStorage, 0x0001, 1
         command.Priority, command.CommandDataSetType = 0, 0x0000
         command.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+        assert assoc.dul.socket is not None
         sock = assoc.dul.socket.socket
-        sock.sendall(_p_data(1, 0x03, encode(command, True, True)))
+        assert sock is not None
+        encoded = encode(command, True, True)
+        assert encoded is not None
+        sock.sendall(_p_data(1, 0x03, encoded))
         for _ in range(4):
             sock.sendall(_p_data(1, 0x00, bytes(512 * 1024)))
         wait_for(lambda: _receiving_files(server) != [], 15, "the data set to be received on disk")

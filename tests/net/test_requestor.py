@@ -82,6 +82,7 @@ def echo_scp() -> Iterator[int]:
     ae.add_supported_context(Verification)
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False)
+    assert server is not None
     yield port
     server.shutdown()
 

@@ -28,7 +28,9 @@ from tests.conftest import make_settings, require_tool
 
 def write_mr_series(directory: Path, count: int = 3) -> list[Path]:
     """Copies of pydicom's MR_small.dcm as one series with fresh UIDs."""
-    source = dcmread(get_testdata_file("MR_small.dcm"))
+    mr_small = get_testdata_file("MR_small.dcm")
+    assert isinstance(mr_small, str)
+    source = dcmread(mr_small)
     study, series = generate_uid(), generate_uid()
     paths = []
     directory.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,9 @@ def test_identical_resend_is_not_counted_twice(server: StorageServer, database: 
 def test_non_mr_instance_is_refused_with_reason_and_node_keeps_serving(
     server: StorageServer, database: Database, tmp_path: Path
 ) -> None:
-    output = storescu(server.port, [Path(get_testdata_file("CT_small.dcm"))])
+    ct_small = get_testdata_file("CT_small.dcm")
+    assert isinstance(ct_small, str)
+    output = storescu(server.port, [Path(ct_small)])
     assert "Received Store Response (Refused: SOPClassNotSupported)" in output, output
     with database.sessions() as session:
         rejection = session.scalars(select(Rejection)).one()
@@ -119,7 +123,7 @@ def test_corrupt_dataset_gets_failure_status_and_reason(
     path = tmp_path / "corrupt.dcm"
     with open(path, "wb") as fh:
         fh.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(fh, meta, enforce_standard=True)
+        write_file_meta_info(fh, meta, enforce_standard=True)  # type: ignore[arg-type]  # pydicom: any file-like
         for tag, value in ((b"\x08\x00\x16\x00", MRImageStorage),
                            (b"\x08\x00\x18\x00", meta.MediaStorageSOPInstanceUID),
                            (b"\x08\x00\x60\x00", "MR")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
@@ -37,7 +39,7 @@ from tests.support.edge import edge_server, mr_series, no_patient_data_in_logs
 __all__ = ["no_patient_data_in_logs"]
 
 
-def _htj2k(path: Path, syntax: str, target: Path) -> None:
+def _htj2k(path: Path, syntax: UID, target: Path) -> None:
     """Encode one single-frame unsigned 16-bit instance with OpenJPH's ``ojph_compress`` (reversible)."""
     ds = dcmread(path)
     pixels = ds.pixel_array
@@ -51,7 +53,7 @@ def _htj2k(path: Path, syntax: str, target: Path) -> None:
     ds.save_as(target, enforce_file_format=True)
 
 
-def _encode(files: list[Path], syntax: str, out: Path) -> list[Path]:
+def _encode(files: list[Path], syntax: UID, out: Path) -> list[Path]:
     out.mkdir()
     written = []
     for path in files:
@@ -79,7 +81,7 @@ SYNTAXES = [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEGLossless
 
 def test_each_lossless_syntax_is_accepted_and_decodes_in_the_pipeline(tmp_path: Path) -> None:
     original = mr_series(tmp_path / "orig", 8, 5, size=64)
-    reference = nib.load(convert_series(original, tmp_path / "ref.nii.gz")).get_fdata()
+    reference = cast(nib.Nifti1Image, nib.load(convert_series(original, tmp_path / "ref.nii.gz"))).get_fdata()
     with edge_server(make_settings(tmp_path)) as server:
         for n, syntax in enumerate(SYNTAXES):
             ae = AE(ae_title="SCANNER")
@@ -93,7 +95,8 @@ def test_each_lossless_syntax_is_accepted_and_decodes_in_the_pipeline(tmp_path: 
                 spooled = session.scalars(select(Instance.spool_path).where(
                     Instance.transfer_syntax_uid == syntax)).all()
             assert len(spooled) == 5 and dcmread(spooled[0]).file_meta.TransferSyntaxUID == syntax
-            decoded = nib.load(convert_series([Path(p) for p in spooled], tmp_path / f"ts{n}.nii.gz")).get_fdata()
+            converted = convert_series([Path(p) for p in spooled], tmp_path / f"ts{n}.nii.gz")
+            decoded = cast(nib.Nifti1Image, nib.load(converted)).get_fdata()
             assert np.array_equal(decoded, reference), syntax.name
             # the next syntax re-sends the same SOP instances: replace them
             with server.recorder.sessions.begin() as session:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from dicom_node.cli.localpacs import free_port, wait_for
 from dicom_node.db.models import AssociationLog, Instance
-from dicom_node.net.scu import echo, send_file
+from dicom_node.net.scu import SendResult, echo, send_file
 from dicom_node.statuses import FailureClass
 from tests.conftest import require_tool
 from tests.support.edge import echoscu, edge_server, mr_series, no_patient_data_in_logs, storescu
@@ -54,6 +54,7 @@ def test_node_sends_to_a_tls_storescp(tmp_path: Path, pki: Path) -> None:
             {"name": "plain", "ae_title": "TLSPACS", "host": "127.0.0.1", "port": port, "tls": False}])
         result = wait_for(lambda: (r := echo(settings.destination("tlspacs"), settings)).status == 0 and r,
                           20, "C-ECHO over TLS")
+        assert isinstance(result, SendResult)
         assert result.failure is None
         [path] = mr_series(tmp_path / "s", 7, 3)[:1]
         sent = send_file(path, settings.destination("tlspacs"), settings)
