@@ -20,6 +20,7 @@ directory.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -117,7 +118,7 @@ def _selected(session: pytest.Session) -> list[str]:
     """Variants the selected tests of this module need (``-k`` and deselection respected)."""
     names: set[str] = set()
     for item in session.items:
-        if item.module is None or item.module.__name__ != __name__:
+        if not isinstance(item, pytest.Function) or item.module is None or item.module.__name__ != __name__:
             continue
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "name" in params:
@@ -241,6 +242,7 @@ def corpus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             if not finished:
                 continue
             run = finished[-1]
+            assert run.finished_at is not None
             result.record = run_record(node.settings, run.id)
             if run.started_at is not None:
                 result.seconds = (run.finished_at - run.started_at).total_seconds()
@@ -250,7 +252,7 @@ def corpus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             if result.record is None:
                 continue
             uid = result.study_instance_uid
-            if _wait(lambda uid=uid: _sr_of_study(pacs, uid), 60, 0.5):
+            if _wait(functools.partial(_sr_of_study, pacs, uid), 60, 0.5):
                 found = _sr_of_study(pacs, uid)
                 if len(found) != 1:
                     result.problems.append(f"{len(found)} SRs in the PACS for the study")
@@ -351,7 +353,7 @@ def test_written_geometry_is_the_heads_world_geometry(tmp_path: Path) -> None:
     name = "ge_ax_bravo_double_oblique_0p9"
     variant = VARIANTS[name]
     files = write_variant(name, tmp_path)
-    img = nib.load(convert_series(files, tmp_path / "t1.nii.gz"))
+    img = cast(nib.Nifti1Image, nib.load(convert_series(files, tmp_path / "t1.nii.gz")))
     data = img.get_fdata(dtype=np.float32)
     look = variant.appearance
     source, affine = corpus_module._subject(look.source, look.seed, look.warp_mm)

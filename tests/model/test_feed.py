@@ -66,6 +66,7 @@ def base() -> Iterator[BrainAdapter]:
 def test_batch_moves_every_tensor() -> None:
     batch = Batch(torch.zeros(2, 1, 4, 4, 4, dtype=torch.float16), torch.zeros(2, 3), torch.ones(2, dtype=torch.bool),
                   torch.zeros(2, dtype=torch.long)).to(META)
+    assert batch.text_hidden is not None and batch.note_mask is not None and batch.labels is not None
     assert [t.device for t in (batch.volume, batch.text_hidden, batch.note_mask, batch.labels)] == [META] * 4
     assert batch.volume.dtype == torch.float32
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -28,13 +29,14 @@ from model.inference import Predictor, init_trained_demo_model
 from model.initialise import whiten
 from model.pretrain import VISION_FILE, PretrainConfig, nt_xent, pretrain
 from model.train import TrainConfig, export_demo, train
+from model.vit import TransformerBlock
 
 NO_AUGMENT = AugmentConfig(rotation_deg=0.0, scale=0.0, shift=0.0, bias=0.0, gamma=0.0, noise=(0.0, 0.0))
 TINY = PretrainConfig(size=32, steps=3, batch_size=4, warmup=1, threads=1, seed=7)
 
 
 @pytest.fixture(scope="module")
-def anat32():  # type: ignore[no-untyped-def]
+def anat32():
     return anatomy("mni152", 32)
 
 
@@ -45,7 +47,7 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_without_acquisition_changes_a_healthy_view_is_the_reference(anat32) -> None:  # type: ignore[no-untyped-def]
+def test_without_acquisition_changes_a_healthy_view_is_the_reference(anat32) -> None:
     sampler = AnatomySampler(anat32, NO_AUGMENT, torch.Generator().manual_seed(0))
     view = sampler.views(torch.zeros(1), torch.zeros(1))[0, 0].numpy()
     expected = anat32.reference / anat32.reference.max()
@@ -55,14 +57,14 @@ def test_without_acquisition_changes_a_healthy_view_is_the_reference(anat32) -> 
 class _NoNuisance:
     """A numpy Generator stand-in whose draws are the distributions' centres: no pose, bias or noise."""
 
-    def normal(self, loc: float = 0.0, scale: float = 1.0, size: int | tuple[int, ...] | None = None):  # type: ignore[no-untyped-def]
+    def normal(self, loc: float = 0.0, scale: float = 1.0, size: int | tuple[int, ...] | None = None):
         return loc if size is None else np.full(size, loc)
 
     def uniform(self, low: float = 0.0, high: float = 1.0, size: int | None = None) -> float:
         return low
 
 
-def test_the_sampler_draws_the_cohorts_anatomy(anat32) -> None:  # type: ignore[no-untyped-def]
+def test_the_sampler_draws_the_cohorts_anatomy(anat32) -> None:
     # the cohort's own generator, its acquisition switched off, against the sampler's, likewise
     expected = subject_volume(anat32, 0.5, 0.4, _NoNuisance())  # type: ignore[arg-type]
     sampler = AnatomySampler(anat32, NO_AUGMENT, torch.Generator().manual_seed(0))
@@ -71,7 +73,7 @@ def test_the_sampler_draws_the_cohorts_anatomy(anat32) -> None:  # type: ignore[
     assert float(np.abs(expected - anat32.reference / anat32.reference.max()).max()) > 0.1  # atrophy is visible
 
 
-def test_ventricle_enlargement_darkens_the_ventricles_and_hippocampal_loss_the_temporal_lobes(anat32) -> None:  # type: ignore[no-untyped-def]
+def test_ventricle_enlargement_darkens_the_ventricles_and_hippocampal_loss_the_temporal_lobes(anat32) -> None:
     sampler = AnatomySampler(anat32, NO_AUGMENT, torch.Generator().manual_seed(0))
     views = sampler.views(torch.tensor([0.0, 0.7, 0.0]), torch.tensor([0.0, 0.0, 0.6]))[:, 0].numpy()
     grid = np.indices(views.shape[1:])
@@ -90,7 +92,7 @@ def test_ventricle_enlargement_darkens_the_ventricles_and_hippocampal_loss_the_t
     assert abs(enlarged[far].mean() - healthy[far].mean()) < 0.02
 
 
-def test_two_acquisitions_of_one_anatomy_differ_and_stay_in_range(anat32) -> None:  # type: ignore[no-untyped-def]
+def test_two_acquisitions_of_one_anatomy_differ_and_stay_in_range(anat32) -> None:
     sampler = AnatomySampler(anat32, AugmentConfig(), torch.Generator().manual_seed(3))
     ventricle, hippocampus = sampler.anatomies(2)
     views = sampler.views(ventricle, hippocampus, copies=2)
@@ -193,7 +195,8 @@ def test_train_on_the_pretrained_base_export_it_and_serve_it(pretrained: Path, t
     assert summary["base"]["vision_sha256"] == vision_sha and summary["base"]["text_pooling"] == "mean"
     model, _ = load_run(run)  # rebuilt from the spec: the pretrained ViT, not the seeded one
     state = load_file(str(pretrained / VISION_FILE))
-    assert torch.equal(model.vision_encoder.blocks[0].attn.qkv.weight, state["vision_encoder.blocks.0.attn.qkv.weight"])
+    first_block = cast(TransformerBlock, model.vision_encoder.blocks[0])
+    assert torch.equal(first_block.attn.qkv.weight, state["vision_encoder.blocks.0.attn.qkv.weight"])
     assert model.config.text_pooling == "mean"
 
     demo = export_demo(run, tmp_path / "demo")

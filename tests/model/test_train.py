@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
+from torch import nn
 
 from model.cohort import CohortConfig, generate_cohort
 from model.dataset import Sample, read_manifest, subject_split
@@ -86,7 +88,7 @@ def test_train_checkpoints_and_resumes(manifest: Path, tmp_path: Path) -> None:
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     assert set(summary["test_metrics"]["macro avg"]) == {"precision", "sensitivity", "f1", "support"}
     model, _ = load_run(run)
-    assert model.adapter.branch[-1].weight.abs().sum() > 0  # the zero-initialised layer has moved
+    assert cast(nn.Conv3d, model.adapter.branch[-1]).weight.abs().sum() > 0  # the zero-initialised layer has moved
 
 
 def test_training_needs_a_base_with_text_for_notes(manifest: Path, tmp_path: Path) -> None:

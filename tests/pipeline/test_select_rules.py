@@ -10,6 +10,7 @@ about the first, so every case below fails one rule and only one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import (
@@ -45,7 +46,7 @@ def test_the_reference_header_passes_every_rule_and_matches_every_score(rules: S
     assert (decision.description, decision.modality) == ("t1_mprage_sag_p2_iso", "MR")
 
 
-REJECTIONS: dict[str, tuple[dict[str, object], str]] = {
+REJECTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "CT modality": ({"Modality": "CT"}, "rejected: modality is MR"),
     "no modality": ({"Modality": None}, "rejected: modality is MR"),
     "CT storage": ({"SOPClassUID": CTImageStorage}, "rejected: MR image storage"),
@@ -115,7 +116,7 @@ def test_descriptions_that_only_contain_an_excluded_word_pass(rules: SelectionRu
     {"SOPClassUID": EnhancedMRImageStorage}, {"SOPClassUID": LegacyConvertedEnhancedMRImageStorage},
     {"Modality": "mr"}, {"MRAcquisitionType": "3d"}, {"ImageType": ["original", "primary"]},
 ])
-def test_inclusive_bounds_missing_ok_and_case_pass(rules: SelectionRules, change: dict[str, object]) -> None:
+def test_inclusive_bounds_missing_ok_and_case_pass(rules: SelectionRules, change: dict[str, Any]) -> None:
     assert decide(rules, candidate(**change)).accepted
 
 
@@ -147,9 +148,10 @@ def test_a_series_without_instances_is_rejected(rules: SelectionRules) -> None:
     assert decision.reasons[-1] == "rejected: no instances"
 
 
-BARE = {"SeriesDescription": "brain 3d", "ProtocolName": None, "SequenceName": None, "ScanningSequence": ["GR"],
-        "InversionTime": None, "SequenceVariant": None, "PixelSpacing": None}
-SCORES: dict[str, tuple[dict[str, object], float, str]] = {
+BARE: dict[str, Any] = {"SeriesDescription": "brain 3d", "ProtocolName": None, "SequenceName": None,
+                        "ScanningSequence": ["GR"], "InversionTime": None, "SequenceVariant": None,
+                        "PixelSpacing": None}
+SCORES: dict[str, tuple[dict[str, Any], float, str]] = {
     "description": ({"SeriesDescription": "sag bravo"}, 2.0, "+2 T1 protocol name"),
     "protocol": ({"ProtocolName": "3D FSPGR"}, 1.0, "+1 T1 protocol in ProtocolName"),
     "sequence name": ({"SequenceName": "efgre3d"}, 1.0, "+1 T1 3D sequence name"),
@@ -176,7 +178,7 @@ def test_each_score_rule_alone_adds_its_points(case: str) -> None:
     {"PixelSpacing": [0.69, 0.69]}, {"SequenceVariant": ["SP"]}, {"ScanningSequence": ["GR", "SP"]},
     {"SeriesDescription": "brain fast"},
 ])
-def test_near_misses_of_score_rules_add_nothing(change: dict[str, object]) -> None:
+def test_near_misses_of_score_rules_add_nothing(change: dict[str, Any]) -> None:
     rules = load_rules(DEFAULT_RULES_PATH)
     lenient = SelectionRules(rules.requirements, rules.scores, min_score=0.0)
     decision = decide(lenient, candidate(**{**BARE, **change}))

@@ -10,6 +10,7 @@ hippocampus (x = -28 mm) must cut it only when it is on the left.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -29,7 +30,7 @@ def registered_with_block(tmp_path: Path, side: str) -> np.ndarray:
     """The template with a bright block at x in [15, 45] mm on the patient's *side*, read as preprocessing does."""
     from pipeline.registration import _to_dhw
 
-    template = nib.load(str(default_template_path()))
+    template = cast(nib.Nifti1Image, nib.load(str(default_template_path())))
     data = np.asarray(template.dataobj, dtype=np.float32)
     i, j, k = np.indices(data.shape)
     x, y, z = (template.affine[axis, 0] * i + template.affine[axis, 1] * j + template.affine[axis, 2] * k
@@ -88,7 +89,7 @@ def test_a_block_in_one_hemisphere_appears_on_the_side_marked_for_it(side: str, 
 
 
 def test_every_key_slice_names_its_four_directions() -> None:
-    template = nib.load(str(default_template_path()))
+    template = cast(nib.Nifti1Image, nib.load(str(default_template_path())))
     data = np.asarray(template.dataobj, dtype=np.float32)
     registered = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
     orientations = [key.orientation for key in key_slices(registered, default_template_path())]

@@ -9,6 +9,7 @@ import re
 import subprocess
 from html import unescape
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def test_the_warning_is_a_framed_banner_as_large_and_bold_as_the_result(tmp_path
     texts = {artist.get_text(): artist for artist in fig.texts}
     banner = next(a for t, a in texts.items() if t.startswith("Demonstration model, not for clinical use.\n"))
     result = next(a for t, a in texts.items() if t.startswith("Most likely class: AD"))
-    assert banner.get_fontsize() == result.get_fontsize() >= 12
+    assert banner.get_fontsize() == cast(float, result.get_fontsize()) >= 12
     assert banner.get_fontweight() == result.get_fontweight() == "bold"
     assert RESEARCH_ONLY.split(";")[0] in banner.get_text()
     frames = [p for p in fig.artists if isinstance(p, FancyBboxPatch)]
@@ -139,8 +140,8 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("shapes", [[(60, 40), (30, 60), (60, 20)], [(233, 197), (189, 197), (189, 233)]])
 def test_key_slices_are_drawn_as_equal_squares_at_one_scale(shapes: list[tuple[int, int]], tmp_path: Path) -> None:
     slices = []
-    for rows, columns in shapes:
-        image = np.full((rows, columns), 0.5, dtype=np.float32)  # grey, its extremes in two corners
+    for n_rows, n_columns in shapes:
+        image = np.full((n_rows, n_columns), 0.5, dtype=np.float32)  # grey, its extremes in two corners
         image[0, 0], image[-1, -1] = 1.0, 0.0
         slices.append(KeySlice(image=image, title="slice"))
     document = render_pdf(make_mr_series(), make_report(), key_slices=slices, content_datetime=RUN_TIME)

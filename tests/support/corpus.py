@@ -50,6 +50,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -118,7 +119,7 @@ def load_source(name: str) -> tuple[Array, NDArray[np.float64]]:
         RAS mm affine.
     """
     if name == "colin27":
-        img = nib.load(COLIN27_PATH)
+        img = cast(nib.Nifti1Image, nib.load(COLIN27_PATH))
         data = np.asarray(img.dataobj, dtype=np.float32)
         affine = np.asarray(img.affine, dtype=np.float64)
         axis = int(np.argmax(np.abs(affine[2, :3])))
@@ -133,7 +134,7 @@ def load_source(name: str) -> tuple[Array, NDArray[np.float64]]:
         affine = affine @ _translation(np.array([0.0, 0.0, -pad]))
         white = float(np.percentile(data[data > 0], 97.0))
     elif name == "mni152":
-        img = nib.load(mni152_path())
+        img = cast(nib.Nifti1Image, nib.load(mni152_path()))
         brain = np.asarray(img.dataobj, dtype=np.float32)
         affine = np.asarray(img.affine, dtype=np.float64)
         data, affine = _grow_head(brain, affine)
@@ -374,7 +375,7 @@ def polynomial_bias(rng: np.random.Generator, centre_mm: Sequence[float], amplit
 
     def poly(x: NDArray[np.float64], y: NDArray[np.float64], z: NDArray[np.float64]) -> NDArray[np.float64]:
         u, v, w = (x - centre[0]) / radius_mm, (y - centre[1]) / radius_mm, (z - centre[2]) / radius_mm
-        return sum(k * u**a * v**b * w**c for k, (a, b, c) in zip(coef, terms, strict=True))  # type: ignore[return-value]
+        return sum(k * u**a * v**b * w**c for k, (a, b, c) in zip(coef, terms, strict=True))
 
     probe = rng.uniform(-1.0, 1.0, (3, 4000)) * radius_mm
     probe = probe[:, np.linalg.norm(probe, axis=0) <= radius_mm] + centre[:, np.newaxis]
@@ -614,7 +615,7 @@ class SliceGrid:
     @property
     def normal(self) -> NDArray[np.float64]:
         """Slice normal (row x column), the direction slices are written along."""
-        return np.cross(self.row_dir, self.col_dir)
+        return cast(NDArray[np.float64], np.cross(self.row_dir, self.col_dir))
 
     def lps_affine(self) -> NDArray[np.float64]:
         """Voxel (column, row, slice) -> LPS mm."""
@@ -1298,7 +1299,7 @@ def variant_size(name: str, full: bool = False) -> str:
 
 def _look(source: str, seed: int, rotation: tuple[float, float, float], shift: tuple[float, float, float],
           scale: float, **kwargs: float) -> Appearance:
-    return Appearance(source=source, pose=Pose(rotation, shift, scale), seed=seed, **kwargs)  # type: ignore[arg-type]
+    return Appearance(source=source, pose=Pose(rotation, shift, scale), seed=seed, **kwargs)
 
 
 _SIEMENS_MPRAGE = Variant(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -47,11 +48,11 @@ def _ras_index(affine: NDArray[np.float64], ras_mm: tuple[float, float, float]) 
 
 def load_colin() -> Colin:
     """Colin27, AAL's hippocampi (37 left, 38 right) and the lateral ventricles, as float masks."""
-    img = nib.load(TEMPLATES / "ch2.nii.gz")
+    img = cast(nib.Nifti1Image, nib.load(TEMPLATES / "ch2.nii.gz"))
     volume = np.asarray(img.dataobj, dtype=np.float32)
     affine = np.asarray(img.affine, dtype=np.float64)
-    aal = np.asarray(nib.load(TEMPLATES / "aal.nii.gz").dataobj)
-    brain = np.asarray(nib.load(TEMPLATES / "ch2bet.nii.gz").dataobj) > 0
+    aal = np.asarray(cast(nib.Nifti1Image, nib.load(TEMPLATES / "aal.nii.gz")).dataobj)
+    brain = np.asarray(cast(nib.Nifti1Image, nib.load(TEMPLATES / "ch2bet.nii.gz")).dataobj) > 0
     x_ras = (affine @ np.vstack([np.indices(volume.shape).reshape(3, -1), np.ones(volume.size)]))[0]
     deep = ndimage.binary_erosion(brain, iterations=10)
     dark = (volume < 55.0) & deep & (np.abs(x_ras.reshape(volume.shape)) >= 3.0)
@@ -79,7 +80,8 @@ def displacement(shape: tuple[int, ...], parts: list[tuple[Array, float]], sigma
     for mask, amplitude in parts:
         smooth = ndimage.gaussian_filter(mask[box].astype(np.float64), sigma_mm)
         for axis, grad in enumerate(np.gradient(smooth)):
-            field[(axis, *box)] += (amplitude * grad).astype(np.float32)
+            index: tuple[int | slice, ...] = (axis, *box)
+            field[index] += (amplitude * grad).astype(np.float32)
     return field
 
 
@@ -102,6 +104,7 @@ def min_jacobian(field: Array) -> float:
     """Smallest determinant of ``I + Du`` (positive: the deformation folds nowhere)."""
     idx = np.argwhere(np.abs(field).max(axis=0) > 0)
     box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(idx.min(axis=0), idx.max(axis=0), strict=True))
-    grads = np.stack([np.stack(np.gradient(field[(k, *box)].astype(np.float64))) for k in range(3)])
+    boxes: list[tuple[int | slice, ...]] = [(k, *box) for k in range(3)]
+    grads = np.stack([np.stack(np.gradient(field[index].astype(np.float64))) for index in boxes])
     jac = grads + np.eye(3)[:, :, None, None, None]
     return float(np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1))).min())

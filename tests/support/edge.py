@@ -88,6 +88,7 @@ def finish_run(sessions: sessionmaker[Session], run_id: str) -> None:
     """What processing leaves behind: the run succeeded."""
     with sessions.begin() as session:
         run = session.get(Run, run_id)
+        assert run is not None
         run.state, run.finished_at = RunState.SUCCEEDED.value, utcnow()
 
 
@@ -98,5 +99,5 @@ def associations(server: StorageServer) -> list[AssociationLog]:
 
 def ended(server: StorageServer, count: int) -> list[AssociationLog]:
     """Wait until *count* associations are logged as ended (the log is written as they close)."""
-    return wait_for(lambda: (rows := associations(server)) and len([r for r in rows if r.ended_at]) >= count
-                    and rows, 20, f"{count} ended association(s)", 0.05)
+    return wait_for(lambda: ((rows := associations(server)) and len([r for r in rows if r.ended_at]) >= count
+                     and rows) or None, 20, f"{count} ended association(s)", 0.05)
