@@ -58,7 +58,7 @@ parity-env: .venv-parity/.deps-installed
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy dicom_node pipeline model structured_reports core
+	$(BIN)/mypy dicom_node pipeline model structured_reports core tests benchmarks
 	$(BIN)/lint-imports
 
 bench-ingest: setup

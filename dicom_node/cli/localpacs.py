@@ -76,7 +76,9 @@ class LocalOrthanc:
                  modalities: Mapping[str, tuple[str, str, int]] | None = None) -> None:
         self.workdir = workdir
         self.ae_title = ae_title
-        self.modalities = {name: list(entry) for name, entry in (modalities or {}).items()}
+        #: Orthanc's ``DicomModalities`` as written to its configuration: a ``[AE, host, port]`` list, or
+        #: Orthanc's object form (``{"AET": ..., "AllowGet": ...}``) set by callers that need its options.
+        self.modalities: Mapping[str, object] = {name: list(entry) for name, entry in (modalities or {}).items()}
         self.dicom_port = free_port()
         self.http_port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None

@@ -155,7 +155,7 @@ def start_prior_pacs(factory: pytest.TempPathFactory, *, brains: bool) -> Iterat
     knowing :data:`NODE_AE` and :data:`NO_RETRIEVE_AE`."""
     node_port = free_port()
     pacs = LocalOrthanc(factory.mktemp("prior-orthanc"))
-    pacs.modalities = orthanc_modalities(node_port)  # type: ignore[assignment]  # Orthanc's object form
+    pacs.modalities = orthanc_modalities(node_port)  # Orthanc's object form
     root = factory.mktemp("prior-studies")
     studies = {key: write_study(root, key, brain=brains) for key in IN_PACS}
     pacs.start()
