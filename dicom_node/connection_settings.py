@@ -28,6 +28,11 @@ def _check_ae(value: str) -> str:
     return stripped
 
 
+def _check_optional_ae(value: str) -> str:
+    """:func:`_check_ae`, where empty means "not set"."""
+    return _check_ae(value) if value else value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -112,10 +117,7 @@ class PriorPacs(_Section):
     port: int = Field(0, ge=0, le=65535)
     tls: bool = False
 
-    @field_validator("ae_title")
-    @classmethod
-    def _ae_or_empty(cls, value: str) -> str:
-        return _check_ae(value) if value else value
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_optional_ae(v)))
 
     @model_validator(mode="after")
     def _one_form(self) -> PriorPacs:
@@ -154,10 +156,7 @@ class PriorSettings(_Section):
     series_rules: str = ""
     min_score: float = 0.0
 
-    @field_validator("move_destination")
-    @classmethod
-    def _move_ae(cls, value: str) -> str:
-        return _check_ae(value) if value else value
+    _move_ae = field_validator("move_destination")(classmethod(lambda cls, v: _check_optional_ae(v)))
 
     @model_validator(mode="after")
     def _pacs_when_enabled(self) -> PriorSettings:

@@ -37,7 +37,6 @@ from dicom_node.connection_settings import (  # the connection sections, all nam
     Profile,  # noqa: F401
     TLSSettings,  # noqa: F401
     Webhook,  # noqa: F401
-    _check_ae,  # noqa: F401
     _Section,
 )
 
