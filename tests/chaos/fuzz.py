@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import dcmwrite, write_file_meta_info
+from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from tests.support.instances import part10_file
 
 
 @dataclass(frozen=True)
@@ -89,14 +91,6 @@ def _meta_end(raw: bytes) -> int:
     offset = 132
     group_length = struct.unpack_from("<I", raw, offset + 8)[0]
     return offset + 12 + group_length
-
-
-def _file(meta: FileMetaDataset, body: bytes) -> bytes:
-    buffer = io.BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]  # pydicom: any file-like
-    buffer.write(body)
-    return buffer.getvalue()
 
 
 def _flip(rng: random.Random, ds: Dataset) -> bytes:
@@ -245,5 +239,5 @@ def generate(out_dir: Path, count: int, seed: int = 1234) -> Iterator[FuzzCase]:
         else:
             body = result
         path = out_dir / f"fuzz{index:05d}.dcm"
-        path.write_bytes(_file(meta, body))
+        path.write_bytes(part10_file(meta, body))
         yield FuzzCase(index, family, path, sop_uid)

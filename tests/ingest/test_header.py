@@ -11,7 +11,6 @@ from io import BytesIO
 
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.data import get_testdata_file
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
@@ -28,6 +27,7 @@ from pydicom.uid import (
 
 from dicom_node.ingest.header import TruncatedDataSetError, check_extent, scan_elements
 from dicom_node.ingest.identity import RejectedInstance, decode_dataset, identify, is_lossy, read_identity
+from tests.support.instances import pydicom_test_file
 
 WANTED = frozenset(int(Tag(k)) for k in ("SpecificCharacterSet", "PatientName", "PatientID", "StudyInstanceUID",
                                          "SeriesInstanceUID", "SOPInstanceUID", "Modality", "StudyDate",
@@ -59,9 +59,8 @@ def _body(path: str) -> tuple[bytes, bool]:
 
 @pytest.mark.parametrize("name", FILES)
 def test_scan_matches_pydicom_on_its_test_files(name: str) -> None:
-    path = get_testdata_file(name, download=False)
-    assert path is not None
-    raw, explicit = _body(str(path))
+    path = pydicom_test_file(name)
+    raw, explicit = _body(path)
     found = scan_elements(raw, explicit, WANTED)
     assert found is not None
     reference = dcmread(path)
@@ -103,8 +102,7 @@ def test_undefined_length_sequences_are_walked(implicit: bool) -> None:
 @pytest.mark.parametrize("cut", [1, 7, 30, 200])
 def test_truncated_or_overlong_data_sets_are_refused(cut: int) -> None:
     """pydicom reads a truncated value without a word: the scan refuses it, naming the element."""
-    path = get_testdata_file("MR_small.dcm", download=False)
-    raw, explicit = _body(str(path))
+    raw, explicit = _body(pydicom_test_file("MR_small.dcm"))
     # MR_small.dcm ends with (FFFC,FFFC) Data Set Trailing Padding, after its pixel data
     with pytest.raises(TruncatedDataSetError, match=r"element \((7FE0,0010|FFFC,FFFC)\) runs past the end"):
         scan_elements(raw[:-cut], explicit, WANTED)
@@ -115,22 +113,17 @@ def test_truncated_or_overlong_data_sets_are_refused(cut: int) -> None:
 
 
 def test_truncated_big_endian_and_undefined_length_values_are_refused() -> None:
-    path = get_testdata_file("MR_small_bigendian.dcm", download=False)
-    assert path is not None
-    raw, _ = _body(str(path))
+    raw, _ = _body(pydicom_test_file("MR_small_bigendian.dcm"))
     check_extent(raw, True, little_endian=False)
     with pytest.raises(RejectedInstance, match=r"truncated data set: .*\(7FE0,0010\)"):
         read_identity(raw[:-50], ExplicitVRBigEndian, MRImageStorage)
-    jpeg = get_testdata_file("JPEG2000.dcm", download=False)
-    encapsulated, explicit = _body(str(jpeg))
+    encapsulated, explicit = _body(pydicom_test_file("JPEG2000.dcm"))
     with pytest.raises(TruncatedDataSetError, match="7FE0,0010"):  # no sequence delimiter / item cut
         scan_elements(encapsulated[:-20], explicit, WANTED)
 
 
 def _mr(**values: object) -> Dataset:
-    path = get_testdata_file("MR_small.dcm", download=False)
-    assert isinstance(path, str)
-    ds = dcmread(path)
+    ds = dcmread(pydicom_test_file("MR_small.dcm"))
     ds.SOPClassUID = MRImageStorage
     for keyword, value in values.items():
         setattr(ds, keyword, value)
@@ -172,9 +165,8 @@ def test_read_identity_agrees_with_the_pydicom_path(syntax: UID, values: dict[st
 
 
 def test_big_endian_is_read_by_pydicom() -> None:
-    path = get_testdata_file("MR_small_bigendian.dcm", download=False)
-    assert path is not None
-    raw, _ = _body(str(path))
+    path = pydicom_test_file("MR_small_bigendian.dcm")
+    raw, _ = _body(path)
     assert scan_elements(raw, True, WANTED) is None  # not little endian: no sensible walk
     reference = dcmread(path)
     with pytest.raises(RejectedInstance, match="SOPClassUID of the dataset differs"):

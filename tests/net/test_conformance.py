@@ -19,7 +19,6 @@ import pydicom
 import pynetdicom
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes, generate_uid
 from pynetdicom import AE, evt
@@ -32,6 +31,7 @@ from dicom_node.net.scp import StorageServer
 from dicom_node.net.scu import echo, send_file
 from dicom_node.settings import Destination, Settings
 from tests.conftest import make_settings
+from tests.support.instances import pydicom_test_file
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 #: Presentation context IDs are odd numbers 1-255: at most 128 contexts in one A-ASSOCIATE-RQ.
@@ -266,9 +266,7 @@ def test_association_parameters_are_the_statements(node: StorageServer, statemen
 
 
 def _instance(name: str) -> Dataset:
-    path = get_testdata_file(name)
-    assert isinstance(path, str)
-    ds = dcmread(path)
+    ds = dcmread(pydicom_test_file(name))
     ds.SOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = ds.StudyInstanceUID = generate_uid()
     return ds

@@ -33,6 +33,7 @@ from tests.support.edge import (
     finish_run,
     mr_series,
     no_patient_data_in_logs,
+    raw_socket,
     storescu,
 )
 
@@ -159,9 +160,7 @@ def test_release_request_then_close_keeps_every_instance(tmp_path: Path) -> None
         assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
         for path in files:
             assert assoc.send_c_store(dcmread(path)).Status == StoreStatus.SUCCESS
-        assert assoc.dul.socket is not None
-        raw = assoc.dul.socket.socket
-        assert raw is not None
+        raw = raw_socket(assoc)
         raw.sendall(bytes.fromhex("05 00 00000004 00000000"))  # A-RELEASE-RQ, then gone
         raw.shutdown(socket.SHUT_RDWR)
         raw.close()

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import socket
 import struct
 import time
@@ -23,7 +22,6 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -42,7 +40,8 @@ from dicom_node.db.models import AssociationLog, Instance, Rejection
 from dicom_node.net.requestor import associate
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
-from tests.support.edge import echoscu, edge_server, mr_series, no_patient_data_in_logs, storescu
+from tests.support.edge import echoscu, edge_server, mr_series, no_patient_data_in_logs, raw_socket, storescu
+from tests.support.instances import part10_file
 from tests.support.tls import pki, tls_args, tls_settings
 
 __all__ = ["no_patient_data_in_logs", "pki"]  # the autouse log check applies here too; the test PKI
@@ -58,10 +57,7 @@ def _part10(path: Path, sop_instance: UID, syntax: UID, body: bytes) -> Path:
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = sop_instance
     meta.TransferSyntaxUID = syntax
-    buffer = io.BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]  # pydicom: any file-like
-    path.write_bytes(buffer.getvalue() + body)
+    path.write_bytes(part10_file(meta, body))
     return path
 
 
@@ -237,9 +233,7 @@ def test_half_sent_pdu_times_out_with_the_network_timeout(tmp_path: Path, path: 
         assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")
         assert assoc.is_established
         try:
-            assert assoc.dul.socket is not None
-            raw = assoc.dul.socket.socket
-            assert raw is not None
+            raw = raw_socket(assoc)
             raw.sendall(b"\x04\x00" + struct.pack(">L", 1000) + b"\x00\x00\x03\xe6\x01\x03")  # 12 of 1006 bytes
             wait_for(lambda: not assoc.is_alive() or assoc.is_aborted, 15, "the node to end the association")
         finally:
@@ -305,7 +299,7 @@ def test_overlong_pdu_aborts_without_allocating(tmp_path: Path, header: bytes, p
         peak = _peak_rss()
         assoc = _established(server.port)
         try:
-            assoc.dul.socket.socket.sendall(header)
+            raw_socket(assoc).sendall(header)
             wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), 15, "the node to abort the association")
         finally:
             assoc.abort()

@@ -28,7 +28,7 @@ from dicom_node.net.requestor import associate
 from dicom_node.net.scp import StorageServer
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings
-from tests.support.edge import edge_server, ended, mr_series, no_patient_data_in_logs, storescu
+from tests.support.edge import edge_server, ended, mr_series, no_patient_data_in_logs, raw_socket, storescu
 
 __all__ = ["no_patient_data_in_logs"]  # the edge tests' autouse check: no patient data in any log record
 
@@ -132,9 +132,7 @@ def test_data_set_cut_off_by_an_abort_leaves_nothing_behind(tmp_path: Path, path
         command.AffectedSOPClassUID, command.CommandField, command.MessageID = MRImageStorage, 0x0001, 1
         command.Priority, command.CommandDataSetType = 0, 0x0000
         command.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-        assert assoc.dul.socket is not None
-        sock = assoc.dul.socket.socket
-        assert sock is not None
+        sock = raw_socket(assoc)
         encoded = encode(command, True, True)
         assert encoded is not None
         sock.sendall(_p_data(1, 0x03, encoded))

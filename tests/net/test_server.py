@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
@@ -24,13 +23,12 @@ from dicom_node.net.scp import StorageServer
 from dicom_node.settings import Settings
 from dicom_node.statuses import StoreStatus
 from tests.conftest import make_settings, require_tool
+from tests.support.instances import part10_file, pydicom_test_file
 
 
 def write_mr_series(directory: Path, count: int = 3) -> list[Path]:
     """Copies of pydicom's MR_small.dcm as one series with fresh UIDs."""
-    mr_small = get_testdata_file("MR_small.dcm")
-    assert isinstance(mr_small, str)
-    source = dcmread(mr_small)
+    source = dcmread(pydicom_test_file("MR_small.dcm"))
     study, series = generate_uid(), generate_uid()
     paths = []
     directory.mkdir(parents=True, exist_ok=True)
@@ -99,9 +97,7 @@ def test_identical_resend_is_not_counted_twice(server: StorageServer, database: 
 def test_non_mr_instance_is_refused_with_reason_and_node_keeps_serving(
     server: StorageServer, database: Database, tmp_path: Path
 ) -> None:
-    ct_small = get_testdata_file("CT_small.dcm")
-    assert isinstance(ct_small, str)
-    output = storescu(server.port, [Path(ct_small)])
+    output = storescu(server.port, [Path(pydicom_test_file("CT_small.dcm"))])
     assert "Received Store Response (Refused: SOPClassNotSupported)" in output, output
     with database.sessions() as session:
         rejection = session.scalars(select(Rejection)).one()
@@ -118,19 +114,16 @@ def test_corrupt_dataset_gets_failure_status_and_reason(
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    from pydicom.filewriter import write_file_meta_info
-
+    body = b""
+    for tag, value in ((b"\x08\x00\x16\x00", MRImageStorage),
+                       (b"\x08\x00\x18\x00", meta.MediaStorageSOPInstanceUID),
+                       (b"\x08\x00\x60\x00", "MR")):
+        encoded = value.encode() + (b"\x00" if len(value) % 2 else b"")
+        body += tag + b"UI" + len(encoded).to_bytes(2, "little") + encoded
+    # (0020,000D) StudyInstanceUID whose declared length runs far past the end of the data.
+    body += b"\x20\x00\x0d\x00UI\xff\x7f1.2.840"
     path = tmp_path / "corrupt.dcm"
-    with open(path, "wb") as fh:
-        fh.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(fh, meta, enforce_standard=True)  # type: ignore[arg-type]  # pydicom: any file-like
-        for tag, value in ((b"\x08\x00\x16\x00", MRImageStorage),
-                           (b"\x08\x00\x18\x00", meta.MediaStorageSOPInstanceUID),
-                           (b"\x08\x00\x60\x00", "MR")):
-            encoded = value.encode() + (b"\x00" if len(value) % 2 else b"")
-            fh.write(tag + b"UI" + len(encoded).to_bytes(2, "little") + encoded)
-        # (0020,000D) StudyInstanceUID whose declared length runs far past the end of the data.
-        fh.write(b"\x20\x00\x0d\x00UI\xff\x7f1.2.840")
+    path.write_bytes(part10_file(meta, body))
     ae = AE(ae_title="SCANNER")
     ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
     assoc = associate(ae, "127.0.0.1", server.port, ae_title="AD_NODE")

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 
 from core.errors import ConfigError, NotAnalysed, Outcome
 from pipeline.select import (
@@ -19,6 +18,7 @@ from pipeline.select import (
     select_series,
 )
 from pipeline.synth import StudyHeader, load_reference_brain, write_mr_series
+from tests.support.instances import pydicom_test_file
 
 STUDY = StudyHeader(patient_name="Test^Select", patient_id="S0001", patient_birth_date="19500101",
                     patient_sex="M", study_instance_uid="1.2.826.0.1.3680043.8.498.777",
@@ -54,9 +54,7 @@ def _series(brain, tmp: Path, number: int, **kwargs: object) -> SeriesCandidate:
 @pytest.fixture(scope="module")
 def negatives(brain, tmp_path_factory) -> list[SeriesCandidate]:
     tmp = tmp_path_factory.mktemp("neg")
-    ct_path = get_testdata_file("CT_small.dcm")
-    assert isinstance(ct_path, str)
-    ct = pydicom.dcmread(ct_path, stop_before_pixels=True)
+    ct = pydicom.dcmread(pydicom_test_file("CT_small.dcm"), stop_before_pixels=True)
     return [
         _series(brain, tmp, 1, kind="localizer", voxel_mm=2.0),
         _series(brain, tmp, 3, kind="t2", voxel_mm=2.0),

@@ -7,6 +7,7 @@ and to no others.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pynetdicom.association import Association
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -55,6 +57,13 @@ def mr_series(directory: Path, patient: int = 0, slices: int = 6, series_number:
     for index in drop:
         files[index].unlink()
     return [f for n, f in enumerate(files) if n not in drop]
+
+
+def raw_socket(assoc: Association) -> socket.socket:
+    """The TCP socket under an established association, for writing bytes no SCU would send."""
+    transport = assoc.dul.socket
+    assert transport is not None and transport.socket is not None, "the association has no open socket"
+    return transport.socket
 
 
 @contextmanager

@@ -6,8 +6,10 @@ import zlib
 
 import pytest
 from pydicom import Dataset
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -21,6 +23,21 @@ from dicom_node.statuses import StoreStatus
 
 STUDY, SERIES, SOP = "1.2.826.0.1.3680043.8.498.10", "1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.12"
 MiB = 1024 * 1024
+
+
+def part10_file(meta: FileMetaDataset, body: bytes) -> bytes:
+    """A Part 10 file's bytes: preamble, ``DICM``, *meta* as written by pydicom, then *body* as it is."""
+    buffer = DicomBytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue() + body
+
+
+def pydicom_test_file(name: str) -> str:
+    """The path of one of pydicom's bundled test files (never downloaded)."""
+    path = get_testdata_file(name, download=False)
+    assert isinstance(path, str), f"pydicom's test file {name} is not installed"
+    return path
 
 
 def mr(**values: object) -> Dataset:
