@@ -29,7 +29,7 @@ def _reference(path: Path) -> float:
     import ants
     import numpy as np
 
-    from pipeline.registration import _to_dhw, default_template_path
+    from pipeline.registration import default_template_path, to_dhw
 
     template = ants.image_read(str(default_template_path()), pixeltype="float")
     image = ants.image_read(str(path), pixeltype="float")
@@ -37,8 +37,8 @@ def _reference(path: Path) -> float:
     moving = ants.resample_image(image, (2.0,) * 3, False, 0)
     result = ants.registration(fixed, moving, type_of_transform="Affine", aff_iterations=(1000, 500),
                                aff_shrink_factors=(4, 2), aff_smoothing_sigmas=(2.0, 1.0))
-    warped = _to_dhw(ants.apply_transforms(template, image, result["fwdtransforms"]))
-    t = _to_dhw(template)
+    warped = to_dhw(ants.apply_transforms(template, image, result["fwdtransforms"]))
+    t = to_dhw(template)
     brain = t > 0
     return float(np.corrcoef(warped[brain], t[brain])[0, 1])
 

@@ -68,15 +68,15 @@ from numpy.typing import NDArray
 
 from core.errors import ConfigError, NotAnalysed, Outcome
 from pipeline.preprocess_config import PreprocessConfig
-from pipeline.qc import _check_values, _image_qc, _qc_fail
+from pipeline.qc import check_values, image_qc, qc_fail
 from pipeline.registration import (
-    _EXTRA_STARTS,
-    _affine_matrix,
-    _register,
-    _rotation,
-    _to_dhw,
-    _workspace,
+    EXTRA_STARTS,
+    affine_matrix,
     default_template_path,
+    register_affine,
+    rotation,
+    to_dhw,
+    workspace,
 )
 
 logger = logging.getLogger(__name__)
@@ -240,33 +240,33 @@ def preprocess(nifti_path: Path, config: PreprocessConfig) -> Preprocessed:
         raise NotAnalysed(Outcome.PROCESSING_ERROR, f"the series is not a 3D volume ({image.dimension}D)")
     qc: dict[str, float] = {"slices": float(min(image.shape)), "slice_thickness_mm": float(max(image.spacing))}
     if qc["slices"] < config.min_slices:
-        raise _qc_fail("too few slices", qc["slices"], config.min_slices)
+        raise qc_fail("too few slices", qc["slices"], config.min_slices)
     if qc["slice_thickness_mm"] > config.max_slice_thickness_mm:
-        raise _qc_fail("slices too thick", qc["slice_thickness_mm"], config.max_slice_thickness_mm, " mm")
+        raise qc_fail("slices too thick", qc["slice_thickness_mm"], config.max_slice_thickness_mm, " mm")
     template_path = config.template_path or default_template_path()
     try:
         template = ants.image_read(str(template_path), pixeltype="float")
     except (RuntimeError, ValueError, OSError) as exc:
         raise ConfigError(f"cannot read template {template_path}: {exc}") from exc
     image = _canonical(image)
-    _check_values("reading the volume", image.numpy())
+    check_values("reading the volume", image.numpy())
     seconds["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     corrected = _n4(image, config) if config.n4 else image
     if config.n4:
-        _check_values("N4 bias correction", corrected.numpy())
+        check_values("N4 bias correction", corrected.numpy())
     seconds["n4"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    template_arr = _to_dhw(template)
+    template_arr = to_dhw(template)
     seed = _input_seed(image, config)
     with tempfile.TemporaryDirectory(prefix="register-") as tmp:
-        ws = _workspace(template, corrected, config, Path(tmp))
-        starts = [np.eye(3)] + [_rotation(axis, deg) for axis, deg in _EXTRA_STARTS]
+        ws = workspace(template, corrected, config, Path(tmp))
+        starts = [np.eye(3)] + [rotation(axis, deg) for axis, deg in EXTRA_STARTS]
         best: tuple[float, list[str]] = (-2.0, [])
         for attempt, start in enumerate(starts[:max(1, config.registration_attempts)]):
-            transforms, corr = _register(ws, config, start, attempt, seed)
+            transforms, corr = register_affine(ws, config, start, attempt, seed)
             if corr > best[0]:
                 best = (corr, transforms)
             if best[0] >= config.min_correlation + config.retry_margin:
@@ -274,16 +274,16 @@ def preprocess(nifti_path: Path, config: PreprocessConfig) -> Preprocessed:
             logger.info("registration start %d: template correlation %.3f (working grid), trying another start",
                         attempt + 1, corr)
         transforms = best[1]
-        to_native = _affine_matrix(transforms)
+        to_native = affine_matrix(transforms)
         warped_img = ants.apply_transforms(template, corrected, transforms, interpolator="linear")
         seconds["registration"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         ones = image.new_image_like(np.ones(image.shape, dtype=np.float32))
         coverage_img = ants.apply_transforms(template, ones, transforms, interpolator="nearestNeighbor")
-    warped = _to_dhw(warped_img)
-    _check_values("registration", warped)
-    qc.update(_image_qc(warped, template_arr, _to_dhw(coverage_img), config))
+    warped = to_dhw(warped_img)
+    check_values("registration", warped)
+    qc.update(image_qc(warped, template_arr, to_dhw(coverage_img), config))
     seconds["qc"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -301,7 +301,7 @@ def preprocess(nifti_path: Path, config: PreprocessConfig) -> Preprocessed:
         cube = _crop_pad(clipped, clipped > config.foreground_fraction * top, 0, config.target_shape)
     lo = float(cube.min())
     volume = ((cube - lo) / (top - lo)).astype(np.float32)
-    _check_values("normalisation", volume)
+    check_values("normalisation", volume)
     seconds["crop_resample"] = time.perf_counter() - t0
     logger.info("preprocessed volume: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return Preprocessed(volume=volume, stage_seconds=seconds, qc=qc,

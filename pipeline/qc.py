@@ -104,11 +104,12 @@ def qc_checks(qc: dict[str, float], config: PreprocessConfig) -> tuple[QCCheck, 
                  for q in QC_LIMITS if q.key in qc)
 
 
-def _qc_fail(what: str, measured: float, limit: float, unit: str = "") -> NotAnalysed:
+def qc_fail(what: str, measured: float, limit: float, unit: str = "") -> NotAnalysed:
+    """The ``QC_FAILED`` refusal naming *what* failed, its measured value and its limit."""
     return NotAnalysed(Outcome.QC_FAILED, f"{what}: measured {measured:.3g}{unit}, limit {limit:.3g}{unit}")
 
 
-def _check_values(stage: str, values: NDArray[np.floating]) -> None:
+def check_values(stage: str, values: NDArray[np.floating]) -> None:
     """Refuse NaN/Inf, and an image without positive signal, after *stage*.
 
     Raises
@@ -126,29 +127,36 @@ def _check_values(stage: str, values: NDArray[np.floating]) -> None:
         raise NotAnalysed(Outcome.QC_FAILED, f"image has no signal after {stage} (constant or not positive)")
 
 
-def _correlation(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
+def pearson(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
     """Pearson correlation, 0 for a constant input."""
     if np.std(a) == 0 or np.std(b) == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _image_qc(warped: NDArray[np.float32], template: NDArray[np.float32], coverage: NDArray[np.float32],
+def image_qc(warped: NDArray[np.float32], template: NDArray[np.float32], coverage: NDArray[np.float32],
               config: PreprocessConfig) -> dict[str, float]:
+    """Correlation, brain coverage and white/grey ratio of the registered image, checked against *config*.
+
+    Raises
+    ------
+    NotAnalysed
+        ``QC_FAILED`` (:func:`qc_fail`) for the first value outside its limit.
+    """
     brain = template > 0
     t = template[brain]
     w = warped[brain]
-    correlation = _correlation(w, t)
+    correlation = pearson(w, t)
     covered = float(np.mean(coverage[brain] > 0.5))
     wm = w[t >= np.percentile(t, 80)]
     gm = w[(t >= np.percentile(t, 30)) & (t <= np.percentile(t, 50))]
     ratio = float(np.mean(wm) / np.mean(gm)) if np.mean(gm) > 0 else 0.0
     qc = {"correlation": correlation, "coverage": covered, "wm_gm_ratio": ratio}
     if covered < config.min_coverage:
-        raise _qc_fail("brain not covered (fraction of the template brain in the field of view)",
-                       covered, config.min_coverage)
+        raise qc_fail("brain not covered (fraction of the template brain in the field of view)",
+                      covered, config.min_coverage)
     if ratio < config.min_wm_gm_ratio:
-        raise _qc_fail("not T1 contrast (white/grey matter intensity ratio)", ratio, config.min_wm_gm_ratio)
+        raise qc_fail("not T1 contrast (white/grey matter intensity ratio)", ratio, config.min_wm_gm_ratio)
     if correlation < config.min_correlation:
-        raise _qc_fail("registration to the template failed (correlation)", correlation, config.min_correlation)
+        raise qc_fail("registration to the template failed (correlation)", correlation, config.min_correlation)
     return qc

@@ -2,7 +2,7 @@
 
 Helpers of :func:`pipeline.preprocess.preprocess` (and :mod:`pipeline.volumetry`):
 :func:`default_template_path` (the MNI152 2009 template), the (D, H, W) axis
-convention of an ANTs image (:func:`_to_dhw`, contract in :mod:`pipeline.preprocess`),
+convention of an ANTs image (:func:`to_dhw`, contract in :mod:`pipeline.preprocess`),
 the brain-centred start and its rotated alternatives, one seeded ANTs registration
 per start, and the 4x4 affine of the result.
 
@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 
 from core.errors import ConfigError, NotAnalysed, Outcome
 from pipeline.preprocess_config import PreprocessConfig
-from pipeline.qc import _correlation
+from pipeline.qc import pearson
 
 #: ANTsPy reads its random seed from a module global when it builds a registration's
 #: arguments; registrations of different threads take turns so that each gets its own.
@@ -34,7 +34,7 @@ _ANTS_SEED_LOCK = threading.Lock()
 #: Extra starts tried when the first registration is poor: (axis, degrees) rotations
 #: about the template brain's centre (axis 0: left-right / pitch, 1: antero-posterior
 #: / roll, 2: superior / yaw).
-_EXTRA_STARTS: tuple[tuple[int, float], ...] = (
+EXTRA_STARTS: tuple[tuple[int, float], ...] = (
     (0, 15.0), (0, -15.0), (2, 15.0), (2, -15.0), (1, 15.0), (1, -15.0),
 )
 
@@ -52,7 +52,7 @@ def default_template_path() -> Path:
     return path
 
 
-def _to_dhw(img: Any) -> NDArray[np.float32]:
+def to_dhw(img: Any) -> NDArray[np.float32]:
     """Array of an axis-aligned ANTs image in (z, y, x) LPS order (see :mod:`pipeline.preprocess`)."""
     data = np.asarray(img.numpy(), dtype=np.float32)
     direction = np.asarray(img.direction, dtype=np.float64)  # columns: axis directions in LPS
@@ -67,7 +67,7 @@ def _to_dhw(img: Any) -> NDArray[np.float32]:
     return np.ascontiguousarray(np.transpose(data, order))
 
 
-def _physical_points(image: Any, index: NDArray[Any]) -> NDArray[np.float64]:
+def physical_points(image: Any, index: NDArray[Any]) -> NDArray[np.float64]:
     """LPS world coordinates (mm) of voxel indices (n, 3) of an ANTs image."""
     direction = np.asarray(image.direction, dtype=np.float64)
     spacing = np.asarray(image.spacing, dtype=np.float64)
@@ -77,7 +77,7 @@ def _physical_points(image: Any, index: NDArray[Any]) -> NDArray[np.float64]:
 
 
 @contextmanager
-def _ants_seed(seed: int) -> Iterator[None]:
+def ants_seed(seed: int) -> Iterator[None]:
     """ANTsPy's registration seed for the duration of one call (one thread at a time)."""
     import ants
 
@@ -115,11 +115,11 @@ def _brain_start(fixed_small: Any, moving_small: Any) -> tuple[NDArray[np.float6
     """
     import ants
 
-    brain_points = _physical_points(fixed_small, np.argwhere(fixed_small.numpy() > 0))
+    brain_points = physical_points(fixed_small, np.argwhere(fixed_small.numpy() > 0))
     head = ants.get_mask(moving_small, cleanup=2).numpy() > 0
     if not head.any():
         raise NotAnalysed(Outcome.QC_FAILED, "no head found in the image (registration start)")
-    head_points = _physical_points(moving_small, np.argwhere(head))
+    head_points = physical_points(moving_small, np.argwhere(head))
     brain_top, brain_slab = _head_top_and_centre(brain_points)
     brain_centre: NDArray[np.float64] = brain_points.mean(axis=0)
     head_top, head_slab = _head_top_and_centre(head_points)
@@ -129,7 +129,8 @@ def _brain_start(fixed_small: Any, moving_small: Any) -> tuple[NDArray[np.float6
     return brain_centre, offset
 
 
-def _rotation(axis: int, degrees: float) -> NDArray[np.float64]:
+def rotation(axis: int, degrees: float) -> NDArray[np.float64]:
+    """The 3 x 3 rotation by *degrees* about array axis *axis* (a further registration start)."""
     angle = np.deg2rad(degrees)
     c, s = float(np.cos(angle)), float(np.sin(angle))
     i, j = [a for a in range(3) if a != axis]
@@ -151,7 +152,7 @@ def _start_transform(path: Path, centre: NDArray[np.float64], offset: NDArray[np
 
 
 @dataclass
-class _Workspace:
+class Workspace:
     """Working-grid images shared by the registration attempts."""
 
     fixed: Any
@@ -164,7 +165,8 @@ class _Workspace:
     directory: Path
 
 
-def _workspace(template: Any, moving: Any, config: PreprocessConfig, directory: Path) -> _Workspace:
+def workspace(template: Any, moving: Any, config: PreprocessConfig, directory: Path) -> Workspace:
+    """Resample *template* and *moving* to the working grid and place the brain-centred start, once for all attempts."""
     import ants
 
     spacing = max(config.working_spacing_mm, *moving.spacing)
@@ -174,12 +176,12 @@ def _workspace(template: Any, moving: Any, config: PreprocessConfig, directory: 
     radius = max(1, round(config.mask_dilation_mm / spacing))
     mask = ants.morphology(brain_small, "dilate", radius, mtype="binary", shape="ball")
     centre, offset = _brain_start(fixed_small, moving_small)
-    template_small = _to_dhw(fixed_small)
-    return _Workspace(fixed_small, moving_small, mask, centre, offset, template_small > 0, template_small, directory)
+    template_small = to_dhw(fixed_small)
+    return Workspace(fixed_small, moving_small, mask, centre, offset, template_small > 0, template_small, directory)
 
 
-def _register(ws: _Workspace, config: PreprocessConfig, start: NDArray[np.float64], attempt: int,
-              seed: int) -> tuple[list[str], float]:
+def register_affine(ws: Workspace, config: PreprocessConfig, start: NDArray[np.float64], attempt: int,
+                    seed: int) -> tuple[list[str], float]:
     """One registration from a start rotation; (forward transforms, working-grid template correlation)."""
     import ants
 
@@ -187,7 +189,7 @@ def _register(ws: _Workspace, config: PreprocessConfig, start: NDArray[np.float6
     common: dict[str, Any] = {"initial_transform": [initial], "mask": ws.mask,
                               "aff_random_sampling_rate": config.aff_sampling_rate,
                               "outprefix": str(ws.directory / f"reg{attempt}_")}
-    with _ants_seed(seed + attempt):
+    with ants_seed(seed + attempt):
         if config.registration == "Affine":
             result = ants.registration(
                 ws.fixed, ws.moving, type_of_transform="Affine", aff_iterations=tuple(config.aff_iterations),
@@ -198,11 +200,11 @@ def _register(ws: _Workspace, config: PreprocessConfig, start: NDArray[np.float6
         else:
             raise ConfigError(f"registration {config.registration!r}: expected Affine, AffineFast or SyN")
     transforms: list[str] = list(result["fwdtransforms"])  # the start is composed into the affine
-    warped = _to_dhw(result["warpedmovout"])
-    return transforms, _correlation(warped[ws.brain], ws.template[ws.brain])
+    warped = to_dhw(result["warpedmovout"])
+    return transforms, pearson(warped[ws.brain], ws.template[ws.brain])
 
 
-def _affine_matrix(transforms: list[str]) -> NDArray[np.float64] | None:
+def affine_matrix(transforms: list[str]) -> NDArray[np.float64] | None:
     """The 4x4 template-to-input point map of a single affine transform file (None otherwise)."""
     import ants
 

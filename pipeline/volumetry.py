@@ -75,7 +75,7 @@ from scipy import ndimage
 
 from core.errors import ConfigError, NotAnalysed, Outcome
 from pipeline.preprocess import Preprocessed
-from pipeline.registration import _ants_seed, _physical_points, _to_dhw, default_template_path
+from pipeline.registration import ants_seed, default_template_path, physical_points, to_dhw
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def algorithm_name() -> str:
 
 
 def _from_dhw(image: Any, data: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Inverse of :func:`pipeline.registration._to_dhw`: a (z, y, x) LPS array back in *image*'s voxel order."""
+    """Inverse of :func:`pipeline.registration.to_dhw`: a (z, y, x) LPS array back in *image*'s voxel order."""
     direction = np.asarray(image.direction, dtype=np.float64)
     dominant = np.argmax(np.abs(direction), axis=0)
     order = [int(np.flatnonzero(dominant == 2 - k)[0]) for k in range(3)]
@@ -235,7 +235,7 @@ def _atlas(atlas_dir: Path) -> _Atlas:
     hippocampus = (head.new_image_like((labels == _AAL_HIPPOCAMPUS[0]).astype(np.float32)),
                    head.new_image_like((labels == _AAL_HIPPOCAMPUS[1]).astype(np.float32)))
     values = head.numpy()
-    lps_x = _physical_points(head, np.argwhere(np.ones(values.shape, dtype=bool)))[:, 0].reshape(values.shape)
+    lps_x = physical_points(head, np.argwhere(np.ones(values.shape, dtype=bool)))[:, 0].reshape(values.shape)
     inner = ndimage.binary_erosion(brain_mask, iterations=_VENTRICLE_DEPTH_MM)
     components, _ = ndimage.label((values < _VENTRICLE_THRESHOLD) & inner & (np.abs(lps_x) >= _MIDLINE_MM))
     to_index = np.linalg.inv(np.asarray(head.direction) * np.asarray(head.spacing))
@@ -272,7 +272,7 @@ def _register(fixed: Any, atlas: _Atlas, config: VolumetryConfig, directory: str
     brain = ants.apply_transforms(small, atlas.brain, [], interpolator="nearestNeighbor")
     mask = ants.morphology(brain, "dilate", max(1, round(config.mask_dilation_mm / config.working_spacing_mm)),
                            mtype="binary", shape="ball")
-    with _ants_seed(config.seed + 1):
+    with ants_seed(config.seed + 1):
         affine = ants.registration(small, moving, type_of_transform="Affine", mask=mask,
                                    aff_iterations=config.aff_iterations,
                                    aff_shrink_factors=config.aff_shrink_factors,
@@ -361,7 +361,7 @@ def measure_volumes(pre: Preprocessed, config: VolumetryConfig | None = None,
     t0 = time.perf_counter()
     atlas = _atlas(config.atlas_dir)
     template = ants.image_read(str(template_path or default_template_path()), pixeltype="float")
-    if _to_dhw(template).shape != pre.registered.shape:
+    if to_dhw(template).shape != pre.registered.shape:
         raise ConfigError("the registered volume is not on the template's grid")
     subject = template.new_image_like(_from_dhw(template, pre.registered))
     box = _crop(subject, _box(template.numpy() > 0, round(config.box_margin_mm / min(template.spacing)),

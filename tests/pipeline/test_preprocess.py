@@ -12,7 +12,7 @@ import pytest
 from core.errors import NotAnalysed, Outcome
 from pipeline.preprocess import Preprocessed, preprocess
 from pipeline.preprocess_config import PreprocessConfig
-from pipeline.registration import _to_dhw, default_template_path
+from pipeline.registration import default_template_path, to_dhw
 from pipeline.synth import load_reference_brain
 
 #: Marker centre in world RAS mm (RAS: +x is patient right): patient left, anterior, superior.
@@ -80,7 +80,7 @@ def test_to_dhw_matches_documented_orientation():
     nifti = np.asarray(nib.Nifti1Image.from_filename(default_template_path()).get_fdata(), dtype=np.float32)
     # nibabel's array is RAS-indexed: flip x (R->L) and y (A->P), then order (z, y, x)
     expected = np.transpose(nifti[::-1, ::-1, :], (2, 1, 0))
-    np.testing.assert_array_equal(_to_dhw(template), expected)
+    np.testing.assert_array_equal(to_dhw(template), expected)
 
 
 def test_thick_slices_fail_qc(tmp_path):
@@ -129,13 +129,13 @@ def test_low_correlation_tries_every_start_then_fails_qc(tmp_path, monkeypatch):
     import pipeline.preprocess as pre
 
     calls: list[tuple[int, int, tuple[float, ...]]] = []
-    real = pre._register
+    real = pre.register_affine
 
     def counting(ws, config, start, attempt, seed):
         calls.append((attempt, seed, tuple(np.round(start.ravel(), 3))))
         return real(ws, config, start, attempt, seed)
 
-    monkeypatch.setattr(pre, "_register", counting)
+    monkeypatch.setattr(pre, "register_affine", counting)
     path = _save(*_colin_2mm(), tmp_path / "colin_2mm.nii.gz")
     with pytest.raises(NotAnalysed, match=r"registration to the template failed \(correlation\): measured 0\.\d+, "
                                           r"limit 0\.99") as info:
@@ -152,8 +152,8 @@ def test_a_good_first_start_is_not_searched_further(tmp_path, monkeypatch):
     import pipeline.preprocess as pre
 
     calls: list[int] = []
-    real = pre._register
-    monkeypatch.setattr(pre, "_register", lambda ws, c, s, a, seed: calls.append(a) or real(ws, c, s, a, seed))
+    real = pre.register_affine
+    monkeypatch.setattr(pre, "register_affine", lambda ws, c, s, a, seed: calls.append(a) or real(ws, c, s, a, seed))
     preprocess(_save(*_colin_2mm(), tmp_path / "colin_2mm.nii.gz"), replace(FAST, n4=False))
     assert calls == [0]
 

@@ -24,7 +24,7 @@ from scipy import ndimage
 from core.errors import ConfigError
 from pipeline.preprocess import Preprocessed, preprocess
 from pipeline.preprocess_config import PreprocessConfig
-from pipeline.registration import _to_dhw, default_template_path
+from pipeline.registration import default_template_path, to_dhw
 from pipeline.volumetry import Volumes, VolumetryConfig, _from_dhw, measure_volumes
 from tests.support.deformation import displacement, load_colin, min_jacobian, pull_back, volume_change
 
@@ -189,4 +189,4 @@ def test_from_dhw_inverts_to_dhw():
     import ants
 
     template = ants.image_read(str(default_template_path()))
-    np.testing.assert_array_equal(_from_dhw(template, _to_dhw(template)), template.numpy())
+    np.testing.assert_array_equal(_from_dhw(template, to_dhw(template)), template.numpy())

@@ -2,7 +2,7 @@
 
 An asymmetric volume is made in world coordinates: the MNI template with a bright block in one hemisphere
 (x < 0 is the patient's left in the template's RAS space).  It goes through the pipeline's own reading (ANTs,
-:func:`pipeline.registration._to_dhw`, which makes ``Preprocessed.registered``), then :func:`key_slices`, and is
+:func:`pipeline.registration.to_dhw`, which makes ``Preprocessed.registered``), then :func:`key_slices`, and is
 drawn as the PDF draws it; the block must sit on the side whose marker is L, and the sagittal slice of the left
 hippocampus (x = -28 mm) must cut it only when it is on the left.
 """
@@ -28,7 +28,7 @@ ants = pytest.importorskip("ants")
 
 def registered_with_block(tmp_path: Path, side: str) -> np.ndarray:
     """The template with a bright block at x in [15, 45] mm on the patient's *side*, read as preprocessing does."""
-    from pipeline.registration import _to_dhw
+    from pipeline.registration import to_dhw
 
     template = cast(nib.Nifti1Image, nib.load(str(default_template_path())))
     data = np.asarray(template.dataobj, dtype=np.float32)
@@ -40,7 +40,7 @@ def registered_with_block(tmp_path: Path, side: str) -> np.ndarray:
     data[block] = 3.0 * float(data.max())
     path = tmp_path / f"{side}.nii.gz"
     nib.save(nib.Nifti1Image(data, template.affine), str(path))
-    return _to_dhw(ants.image_read(str(path)))
+    return to_dhw(ants.image_read(str(path)))
 
 
 def block_column_fraction(key: KeySlice) -> float | None:
