@@ -13,10 +13,19 @@ module, so ``from dicom_node.settings import Destination`` keeps working.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
@@ -26,6 +35,15 @@ def _check_ae(value: str) -> str:
     if not stripped or not _AE_RE.match(value) or len(value) > 16:
         raise ValueError("an AE title is 1-16 printable characters without backslash")
     return stripped
+
+
+def _number_as_text(value: Any) -> Any:
+    """A secret written as a bare number in TOML or an env var (parsed as a number) is its digits."""
+    return str(value) if isinstance(value, int | float) else value
+
+
+#: A secret that may be all digits: read as text even when the file or env var parsed it as a number.
+SecretText = BeforeValidator(_number_as_text)
 
 
 def _check_optional_ae(value: str) -> str:
@@ -178,16 +196,11 @@ class HttpSettings(_Section):
     enabled: bool = True
     bind_address: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8042, ge=0, le=65535)
-    admin_token: str = ""
+    admin_token: Annotated[str, SecretText] = ""
     #: Seconds a scrape of ``/metrics`` reuses the figures read from the database.
     metrics_cache_s: float = Field(5.0, ge=0, le=300)
     #: Seconds between C-ECHOs of every destination (shown in ``/readyz``, ``/metrics``, ``/config``); 0: none.
     echo_interval_s: float = Field(60.0, ge=0, le=86400)
-
-    @field_validator("admin_token", mode="before")
-    @classmethod
-    def _token_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int | float) else value  # an all-digit token parsed as JSON
 
     @field_validator("admin_token")
     @classmethod
@@ -212,7 +225,7 @@ class Webhook(_Section):
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     url: str = Field(repr=False)
-    secret: SecretStr = Field(min_length=16)
+    secret: Annotated[SecretStr, SecretText] = Field(min_length=16)
     events: tuple[NotificationEvent, ...] = NOTIFICATION_EVENTS
     timeout_s: float = Field(10.0, gt=0, le=120)
     max_attempts: int = Field(8, ge=1, le=100)
@@ -227,11 +240,6 @@ class Webhook(_Section):
         if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
             raise ValueError("a webhook URL is http:// or https:// with a host")
         return value
-
-    @field_validator("secret", mode="before")
-    @classmethod
-    def _secret_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int | float) else value  # an all-digit secret parsed as JSON
 
     @field_validator("events")
     @classmethod

@@ -76,3 +76,23 @@ def test_missing_file_is_refused(tmp_path: Path) -> None:
 def test_unknown_destination_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown destination 'archive'"):
         load_settings(environ={}).destination("archive")
+
+
+def test_all_digit_secrets_are_read_as_text(tmp_path: Path) -> None:
+    # TOML and the environment parse a bare 20-digit value as a number; a token or a secret keeps its digits.
+    config = tmp_path / "node.toml"
+    config.write_text('[http]\nadmin_token = 12345678901234567890\n'
+                      '[[notifications.webhooks]]\nname = "chat"\nurl = "https://chat.example.org/h"\n'
+                      'secret = 98765432109876543210\n', encoding="utf-8")
+    settings = load_settings(config, environ={})
+    assert settings.http.admin_token == "12345678901234567890"
+    assert settings.notifications.webhooks[0].secret.get_secret_value() == "98765432109876543210"
+    from_env = load_settings(config, environ={"DICOM_NODE_HTTP__ADMIN_TOKEN": "11112222333344445555"})
+    assert from_env.http.admin_token == "11112222333344445555"
+
+
+def test_short_all_digit_token_is_refused_with_its_key(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text("[http]\nadmin_token = 1234\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"http\.admin_token"):
+        load_settings(config, environ={})
