@@ -181,11 +181,12 @@ def compare_with_prior(ctx: RunContext, run_id: str, current: CurrentStudy, work
                                           current.study_instance_uid)
         study = candidate.study
         with timer("prior.lookup"):
-            reused = _reusable(ctx, run_id, study)
-        if reused is not None:
+            found = _reusable(ctx, run_id, study)
+        if found is not None:
+            reused, volumes_note = found
             logger.info("run %s: prior study %s: result of run %s reused", run_id, study.study_instance_uid,
                         reused.run_id)
-            return PriorOutcome(reused, "", study.study_instance_uid, "reused", seconds=timer.seconds)
+            return PriorOutcome(reused, "", study.study_instance_uid, "reused", volumes_note, timer.seconds)
         return _retrieve_and_analyse(ctx, run_id, client, current, candidate, workdir, timer)
     except PriorStudyError as exc:
         note = _failure_note(exc, retrieving=candidate is not None)
@@ -223,11 +224,12 @@ def _failure_note(exc: PriorStudyError, *, retrieving: bool) -> str:
     return f"prior study not retrievable: {detail}"
 
 
-def _reusable(ctx: RunContext, run_id: str, study: PriorStudy) -> PriorResult | None:
+def _reusable(ctx: RunContext, run_id: str, study: PriorStudy) -> tuple[PriorResult, str] | None:
     """The result of the node's latest succeeded run of *study* that compares with this run's, or None.
 
     It compares when it was made by the same model (same weights) and, with volumetry on, its volumes were measured
-    by the same method (or could not be measured: measuring again would fail again).
+    by the same method (or could not be measured: measuring again would fail again).  The second value is that
+    run's reason for having no volumes ("" when it has them, or volumetry is off), which the new run keeps.
     """
     weights = ctx.predictor.info.weights_sha256
     with ctx.sessions() as session:
@@ -258,7 +260,7 @@ def _reusable(ctx: RunContext, run_id: str, study: PriorStudy) -> PriorResult | 
                 probabilities={"AD": float(run.prob_ad or 0.0), "MCI": float(run.prob_mci or 0.0),
                                "CN": float(run.prob_cn or 0.0)},
                 run_id=run.id,
-            )
+            ), ((run.volumes_note or "") if ctx.volumetry is not None and not comparable else "")
     return None
 
 

@@ -81,7 +81,8 @@ class Node:
     def compare(self, key: str, **changes: Any) -> PriorOutcome:
         return compare_with_prior(self.ctx, "run-1", current(key, **changes), self.workdir)
 
-    def add_run(self, key: str, weights: str, series_uid: str, sop_uids: tuple[str, ...] = ()) -> str:
+    def add_run(self, key: str, weights: str, series_uid: str, sop_uids: tuple[str, ...] = (),
+                volumes_note: str | None = None) -> str:
         """A succeeded run of study *key* (as if the node had analysed it), with its instances recorded."""
         header, now, run_id = STUDIES[key], utcnow(), str(uuid.uuid4())
         with self.db.sessions.begin() as session:
@@ -103,7 +104,7 @@ class Node:
                                          received_at=now))
             session.add(Run(id=run_id, study_id=study.id, state=RunState.SUCCEEDED.value, created_at=now,
                             finished_at=now, series_instance_uid=series_uid, model_weights_sha256=weights,
-                            prob_ad=0.2, prob_mci=0.3, prob_cn=0.5))
+                            prob_ad=0.2, prob_mci=0.3, prob_cn=0.5, volumes_note=volumes_note))
         return run_id
 
 
@@ -189,6 +190,21 @@ def test_a_prior_without_volumes_of_this_method_is_analysed_again(
     assert outcome.prior is not None and outcome.source == "get" and outcome.prior.run_id is None
     assert outcome.volumes_note == "volumes not measured: test"
     assert outcome.columns(node.ctx)["prior"]["volumes_note"] == "volumes not measured: test"
+
+
+def test_a_reused_prior_that_could_not_be_measured_keeps_its_reason(
+        node: Node, prior_pacs: PriorPacs, analysis_stood_in: list[list[Path]]) -> None:
+    from pipeline.volumetry import VolumetryConfig
+
+    node.ctx.volumetry = VolumetryConfig(working_spacing_mm=4.0)
+    r1 = prior_pacs.studies["R1"]
+    run_id = node.add_run("R1", MODEL.weights_sha256, r1.series_uid, r1.sop_uids,
+                          volumes_note="volumes not measured: brain mask too small")
+    outcome = node.compare("R2")
+    assert outcome.prior is not None and outcome.source == "reused" and outcome.prior.run_id == run_id
+    assert outcome.prior.volumes is None and analysis_stood_in == []  # measuring again would fail again
+    assert outcome.volumes_note == "volumes not measured: brain mask too small"
+    assert outcome.columns(node.ctx)["prior"]["volumes_note"] == "volumes not measured: brain mask too small"
 
 
 def test_a_retrieved_prior_has_its_volumes_measured_by_the_runs_method(
