@@ -12,6 +12,14 @@ macro F1 and macro AUC with their bootstrap 95 % intervals.  Writes, under ``--o
     five_seeds.json                every number of the table
     five_seeds.md                  the table: one row per model, one column per seed, mean and SD
 
+Beside the models and the baseline, two reference rows show what this cohort allows: the
+same logistic regression as the baseline (:func:`model.baseline.fit_predict`, same
+training subjects, same test scans, same bootstrap) on the generator's latent disease
+stage (the manifest's ``stage`` column written by :mod:`model.cohort`: the variable
+behind every scan's atrophy, so no image model can know more about the label than
+it), alone and with the note's five numbers.  They exist only for synthetic cohorts
+and are left out when the manifest has no ``stage``.
+
 Nothing here chooses anything: the recipe is fixed beforehand (the train arguments),
 and the test subjects of each seed are only scored.
 
@@ -24,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import shlex
@@ -35,6 +44,11 @@ from typing import Any
 
 import numpy as np
 
+from model.baseline import fit_predict
+from model.intervals import N_BOOTSTRAP, bootstrap_intervals
+from model.notenumbers import NOTE_FEATURES, parse_note
+from model.types import CLASSES
+
 logger = logging.getLogger(__name__)
 
 #: The three input modes and their names in the table.
@@ -44,6 +58,10 @@ INPUTS = {"mri": "MRI", "note": "note", "mri+note": "MRI+note"}
 BASELINES = {"MRI features": "baseline: logistic regression, 7 MRI features",
              "note numbers": "baseline: logistic regression, 5 note numbers",
              "both": "baseline: logistic regression, both"}
+
+#: The reference rows (generator columns) and their names in the table.
+REFERENCES = {"stage": "reference: logistic regression, the generator's latent stage",
+              "stage+note": "reference: logistic regression, latent stage + 5 note numbers"}
 
 #: How the Brain-Adapter is trained on every seed (the committed demonstration recipe).
 TRAIN_ARGS = ("--demo-base --demo-vision model/demo/vision.safetensors --note-numbers --epochs 20 "
@@ -77,6 +95,50 @@ def seed_results(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
         intervals = baseline["results"][key]["intervals"]
         rows[label] = {"macro f1": intervals["macro f1"], "macro auc": intervals["macro auc"]}
     return rows
+
+
+def reference_results(run: Path, *, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Macro F1 and macro AUC of the reference rows on one run's split; empty without a ``stage`` column.
+
+    Parameters
+    ----------
+    run : Path
+        A finished run folder (its ``run.json`` names the manifest and the split).
+    n_boot, seed : int
+        Bootstrap replicates and seed (those of ``evaluate``, so the intervals compare).
+
+    Returns
+    -------
+    dict
+        :data:`REFERENCES` label to ``{"macro f1": ..., "macro auc": ...}`` (value, low, high).
+    """
+    summary = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    manifest = Path(summary["config"]["manifest"])
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "stage" not in rows[0]:
+        return {}
+    split = summary["split"]
+    learned = set(split["train_subjects"]) | set(split.get("validation_subjects", []))
+    tested = set(split["test_subjects"])
+
+    def columns(row: dict[str, str], with_note: bool) -> list[float]:
+        numbers = parse_note(row["note"] or "") if with_note else {}
+        return [float(row["stage"]), *(numbers[c] for c in NOTE_FEATURES if with_note)]
+
+    train = [r for r in rows if r["subject_id"] in learned]
+    test = [r for r in rows if r["subject_id"] in tested]
+    y_train = np.array([CLASSES.index(r["label"]) for r in train], dtype=np.int64)
+    y_test = np.array([CLASSES.index(r["label"]) for r in test], dtype=np.int64)
+    results: dict[str, dict[str, Any]] = {}
+    for key, label in REFERENCES.items():
+        with_note = key == "stage+note"
+        x_train = np.array([columns(r, with_note) for r in train], dtype=np.float64)
+        x_test = np.array([columns(r, with_note) for r in test], dtype=np.float64)
+        intervals = bootstrap_intervals(y_test, fit_predict(x_train, y_train, x_test, seed=seed),
+                                        [r["subject_id"] for r in test], n_boot=n_boot, seed=seed)
+        results[label] = {"macro f1": intervals["macro f1"], "macro auc": intervals["macro auc"]}
+    return results
 
 
 def format_table(by_seed: dict[int, dict[str, dict[str, Any]]], metric: str = "macro f1") -> str:
@@ -122,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(str(run))
         dicom_node("evaluate", *runs, "--out", str(root / "eval"), "--names", *INPUTS.values())
         metrics = json.loads((root / "eval" / "metrics.json").read_text(encoding="utf-8"))
-        by_seed[seed] = seed_results(metrics)
+        by_seed[seed] = seed_results(metrics) | reference_results(root / "mri")
     table = format_table(by_seed) + "\n\n" + format_table(by_seed, "macro auc")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "five_seeds.json").write_text(json.dumps(
