@@ -72,6 +72,7 @@ from model.finetune import (
     save_lora,
     trainable_state,
 )
+from model.fusion import refit_note_fusion
 from model.initialise import data_dependent_init, fit_note_numbers
 from model.types import CLASSES
 
@@ -156,6 +157,9 @@ class TrainConfig:
         The demonstration base's fusion head also reads the note's parsed numbers
         (:mod:`model.notenumbers`), standardised with the training scans'
         statistics; ignored for ``inputs="mri"`` (no note).
+    refit_fusion : bool
+        After the last epoch, solve a numbers-only late fusion exactly on the training
+        scans (:func:`model.fusion.refit_note_fusion`); no effect on other models.
     """
 
     manifest: str
@@ -187,6 +191,7 @@ class TrainConfig:
     progress: bool = True
     data_init: bool | None = None
     note_numbers: bool = False
+    refit_fusion: bool = True
 
     def __post_init__(self) -> None:
         """Validate.
@@ -379,6 +384,7 @@ def train(config: TrainConfig) -> Path:
             epoch, batch_pos = epoch + 1, 0
         save_checkpoint()
     model.eval()
+    fusion = refit_note_fusion(model, inputs, fit_idx, config.batch_size) if config.refit_fusion else None
     val = predict(model, inputs, val_idx, config.batch_size)
     temperature = fit_temperature(val.logits, np.asarray([samples[i].label for i in val_idx]))
     meta = {"temperature": repr(temperature), "preprocessing_version": preprocessing}
@@ -406,7 +412,7 @@ def train(config: TrainConfig) -> Path:
                                  for g in parameter_groups(net, config)},
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha or config.lora_rank, "folder": LORA_DIR}
         if config.lora_rank else None,
-        "history": history, "temperature": temperature, "test_metrics": assessment["metrics"],
+        "history": history, "fusion_refit": fusion, "temperature": temperature, "test_metrics": assessment["metrics"],
         "test_intervals": assessment["intervals"], "calibration": {
             **assessment["calibration"], "validation_scans": len(val_idx),
             "validation_nll_raw": nll(val.logits, [samples[i].label for i in val_idx]) if val_idx else None,

@@ -54,6 +54,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--note-numbers", action="store_true",
                        help="the demonstration base's fusion head also reads the note's parsed numbers "
                             "(age, education, MMSE, CDR-SB, memory complaints; model/notenumbers.py)")
+    train.add_argument("--no-refit-fusion", action="store_true",
+                       help="keep the note-number fusion as trained by SGD (default: solved exactly after the "
+                            "last epoch, model/fusion.py)")
     train.add_argument("--lora", type=int, default=0, metavar="R",
                        help="LoRA of rank R on the frozen ViT's attention (peft; 0: none)")
     train.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: R)")
@@ -242,6 +245,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         val_fraction=args.val_fraction, preprocessing=serving_preprocessing(settings), seed=args.seed,
         activation_checkpointing=args.activation_checkpointing, bf16=args.bf16, device=args.device or "cpu",
         max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress,
+        refit_fusion=not args.no_refit_fusion,
     )
     run = train(config)
     print(f"run written to {run}")
