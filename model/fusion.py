@@ -64,7 +64,7 @@ def image_logits_of(model: BrainAdapter, inputs: Inputs, indices: Sequence[int],
     with torch.inference_mode():
         for start in range(0, len(indices), batch_size):
             batch = inputs.batch(list(indices[start:start + batch_size])).to(device)
-            parts.append(model(batch.volume, **batch.model_kwargs()).image_logits.double().cpu())
+            parts.append(model(batch.volume).image_logits.double().cpu())  # the note never changes them
     return torch.cat(parts) if parts else torch.zeros((0, model.image_head.out_features), dtype=torch.float64)
 
 
