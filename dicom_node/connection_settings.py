@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -49,6 +50,10 @@ SecretText = BeforeValidator(_number_as_text)
 def _check_optional_ae(value: str) -> str:
     """:func:`_check_ae`, where empty means "not set"."""
     return _check_ae(value) if value else value
+
+
+#: An AE title that may be left empty ("not set").
+OptionalAETitle = AfterValidator(_check_optional_ae)
 
 
 class _Section(BaseModel):
@@ -130,12 +135,10 @@ class PriorPacs(_Section):
     """The PACS asked for prior studies: ``destination`` names a ``[[destinations]]`` entry, or its own peer."""
 
     destination: str = ""
-    ae_title: str = ""
+    ae_title: Annotated[str, OptionalAETitle] = ""
     host: str = ""
     port: int = Field(0, ge=0, le=65535)
     tls: bool = False
-
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_optional_ae(v)))
 
     @model_validator(mode="after")
     def _one_form(self) -> PriorPacs:
@@ -162,7 +165,7 @@ class PriorSettings(_Section):
     enabled: bool = False
     pacs: PriorPacs = PriorPacs()
     retrieve: Literal["move", "get"] = "get"
-    move_destination: str = ""
+    move_destination: Annotated[str, OptionalAETitle] = ""
     max_age_years: int = Field(10, ge=1, le=150)
     max_matches: int = Field(500, ge=1, le=100000)
     acse_timeout_s: float = Field(30.0, gt=0)
@@ -173,8 +176,6 @@ class PriorSettings(_Section):
     #: empty: ``processing.series_rules``.
     series_rules: str = ""
     min_score: float = 0.0
-
-    _move_ae = field_validator("move_destination")(classmethod(lambda cls, v: _check_optional_ae(v)))
 
     @model_validator(mode="after")
     def _pacs_when_enabled(self) -> PriorSettings:

@@ -31,7 +31,7 @@ import torch
 from torch.nn import functional
 
 from model.brain_adapter import BrainAdapter
-from model.feed import Inputs
+from model.feed import Inputs, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def image_logits_of(model: BrainAdapter, inputs: Inputs, indices: Sequence[int],
     torch.Tensor
         (len(indices), n_classes).
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     model.eval()
     parts = []
     with torch.inference_mode():

@@ -52,6 +52,8 @@ def test_cli_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None
         ({"DICOM_NODE_COMPLETENESS__QUIET_PERIOD_S": "-1"}, "completeness.quiet_period_s"),
         ({"DICOM_NODE_PROCESSING__REGISTRATION": "Rigidish"}, "processing.registration"),
         ({"DICOM_NODE_NETWORK__UNKNOWN_KEY": "1"}, "network.unknown_key"),
+        ({"DICOM_NODE_PRIOR__MOVE_DESTINATION": "A_TITLE_FAR_TOO_LONG"}, "prior.move_destination"),
+        ({"DICOM_NODE_PRIOR__PACS__AE_TITLE": "BAD\\AE"}, "prior.pacs.ae_title"),
     ],
 )
 def test_invalid_value_names_the_key(env: dict[str, str], key: str) -> None:
